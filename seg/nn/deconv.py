@@ -1,0 +1,391 @@
+"""Network deconvolution layers (Ye et al., ICLR 2020): convolutions that whiten their own input.
+
+``FastDeconv`` samples im2col patches of its input, removes their mean, whitens ``block``-channel groups
+with the inverse square root of their covariance (Newton–Schulz) and folds that whitening into the conv
+weight (``W·D``, bias ``b − W·D·μ``), so the output is one ordinary ``conv2d`` on the raw input. Defaults
+compute the same operator as the reference implementation (github.com/yechengxi/deconvolution).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seg.nn.isqrt import isqrt
+from seg.nn.sync import all_reduce_sum, sync_active
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, kind: type = int) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if kind is int:
+        ok = ok and isinstance(value, int)
+    if not ok:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _check_momentum(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {value!r}")
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics run in float32 at least (float64 stays float64), whatever the autocast dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve_block(block: int, in_channels: int, groups: int = 1) -> int:
+    """The reference's block rule: clamp to C_in, else gcd when it does not divide; grouped: C_in/groups."""
+    _check_positive("block", block)
+    if groups > 1:
+        return in_channels // groups
+    if block > in_channels:
+        return in_channels
+    if in_channels % block != 0:
+        return math.gcd(block, in_channels)
+    return block
+
+
+class FastDeconv(nn.Conv2d):
+    """A ``Conv2d`` that deconvolves (whitens) its input, in place of Conv2d + BatchNorm.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d``.
+        eps: added to the covariance diagonal.
+        n_iter: Newton–Schulz iterations for the inverse square root.
+        momentum: running-statistics update rate (``running ← (1−m)·running + m·batch``).
+        block: channels whitened together; groups of ``block`` channels share one matrix.
+        sampling_stride: patches are sampled every ``sampling_stride × stride`` pixels.
+        freeze: refresh the statistics only for the first ``freeze_iter + 1`` of every
+            ``10·freeze_iter`` training steps and use the running ones otherwise.
+        sync: statistics over all processes of the default process group.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        eps: float = 1e-5,
+        n_iter: int = 5,
+        momentum: float = 0.1,
+        block: int = 64,
+        sampling_stride: int = 3,
+        freeze: bool = False,
+        freeze_iter: int = 100,
+        sync: bool = False,
+    ) -> None:
+        _check_positive("in_channels", in_channels)
+        _check_positive("out_channels", out_channels)
+        _check_positive("groups", groups)
+        _check_positive("eps", eps, float)
+        _check_positive("n_iter", n_iter)
+        _check_momentum(momentum)
+        _check_positive("sampling_stride", sampling_stride)
+        _check_positive("freeze_iter", freeze_iter)
+        kernel = _pair(kernel_size, "kernel_size")
+        dil = _pair(dilation, "dilation")
+        if isinstance(padding, str):
+            # im2col needs explicit numbers: 'valid' is 0, 'same' (stride 1, odd kernel) is symmetric.
+            if padding == "valid":
+                padding = 0
+            elif padding == "same" and all((d * (k - 1)) % 2 == 0 for k, d in zip(kernel, dil)):
+                padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dil))
+            else:
+                raise ValueError(f"padding {padding!r} is not supported by FastDeconv (use explicit integers)")
+        block = resolve_block(block, in_channels, groups)
+        super().__init__(in_channels, out_channels, kernel, _pair(stride, "stride"), _pair(padding, "padding"),
+                         dil, groups, bias)
+        self.eps = float(eps)
+        self.n_iter = int(n_iter)
+        self.momentum = float(momentum)
+        self.block = block
+        self.sampling_stride = int(sampling_stride)
+        self.freeze = bool(freeze)
+        self.freeze_iter = int(freeze_iter)
+        self.sync = bool(sync)
+        kh, kw = self.kernel_size
+        self.num_features = kh * kw * block
+        n_mats = groups if groups > 1 else 1
+        self.register_buffer("running_mean", torch.zeros(n_mats * self.num_features))
+        eye = torch.eye(self.num_features)
+        self.register_buffer("running_deconv", eye.repeat(groups, 1, 1) if groups > 1 else eye)
+        # A buffer (not a Python int) so that it survives state_dict round trips and resume.
+        self.register_buffer("counter", torch.zeros((), dtype=torch.long))
+        self._fold_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", block={self.block}, n_iter={self.n_iter}, eps={self.eps}, "
+                f"sampling_stride={self.sampling_stride}, freeze={self.freeze}, sync={self.sync}")
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def _samples(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled patch rows, shape ``(M, G, num_features)`` with G shared (groups=1) or per conv group."""
+        n, c, _, _ = x.shape
+        sh, sw = self.sampling_stride * self.stride[0], self.sampling_stride * self.stride[1]
+        if self.kernel_size == (1, 1):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)[:: sh * sw]
+        else:
+            rows = F.unfold(x, self.kernel_size, self.dilation, self.padding, (sh, sw))
+            rows = rows.transpose(1, 2).reshape(-1, c * self.kernel_size[0] * self.kernel_size[1])
+        nf = self.num_features
+        if self.groups == 1:
+            # Each channel-major row viewed as (k²·B, C/B) and transposed: C/B interleaved samples of one
+            # k²·B-dimensional vector, all sharing one mean and one matrix.
+            groups_per_row = c // self.block
+            return rows.reshape(-1, nf, groups_per_row).transpose(1, 2).reshape(-1, 1, nf)
+        return rows.reshape(-1, self.groups, nf)
+
+    def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch."""
+        samples = self._samples(x)
+        count = torch.tensor(float(samples.shape[0]), dtype=samples.dtype, device=samples.device)
+        total = samples.sum(0)
+        if self.sync and sync_active():
+            count = all_reduce_sum(count)
+            total = all_reduce_sum(total)
+        elif samples.shape[0] == 0:
+            raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
+        mean = total / count
+        centred = samples - mean
+        if centred.shape[1] == 1:
+            c2 = centred[:, 0]
+            second = (c2.t() @ c2).unsqueeze(0)
+        else:
+            c3 = centred.transpose(0, 1)
+            second = c3.transpose(1, 2) @ c3
+        if self.sync and sync_active():
+            second = all_reduce_sum(second)
+        eye = torch.eye(self.num_features, dtype=second.dtype, device=second.device)
+        cov = second / count + self.eps * eye
+        return mean, isqrt(cov, self.n_iter)
+
+    def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach().reshape(-1).to(self.running_mean.dtype), alpha=m)
+            d = deconv.detach().reshape(self.running_deconv.shape).to(self.running_deconv.dtype)
+            self.running_deconv.mul_(1 - m).add_(d, alpha=m)
+
+    def _running(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.groups if self.groups > 1 else 1
+        return (self.running_mean.view(g, self.num_features),
+                self.running_deconv.view(g, self.num_features, self.num_features))
+
+    # -- folding ------------------------------------------------------------------------------
+
+    def _fold(self, mean: torch.Tensor, deconv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight ``W·D`` and bias ``b − Σ W·D·μ`` for means ``(G, nf)`` and matrices ``(G, nf, nf)``."""
+        dtype = deconv.dtype
+        w = self.weight.to(dtype)
+        out_c, nf = self.out_channels, self.num_features
+        if self.groups == 1:
+            per_row = self.in_channels // self.block
+            # Same interleaving as the samples: (out, k²·B, C/B) -> rows of k²·B features.
+            wg = w.reshape(out_c, nf, per_row).transpose(1, 2).reshape(-1, nf) @ deconv[0]
+            shift = (wg @ mean[0]).view(out_c, per_row).sum(1)
+            wf = wg.view(out_c, per_row, nf).transpose(1, 2).reshape(self.weight.shape)
+        else:
+            wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv
+            shift = (wg @ mean.unsqueeze(-1)).reshape(out_c)
+            wf = wg.reshape(self.weight.shape)
+        bias = -shift if self.bias is None else self.bias.to(dtype) - shift
+        return wf, bias
+
+    def _cache_key(self) -> tuple:
+        tensors = [self.weight, self.running_mean, self.running_deconv]
+        if self.bias is not None:
+            tensors.append(self.bias)
+        # _version advances on every in-place change (optimizer steps, load_state_dict's copy_);
+        # data_ptr changes when .to() or parameter reassignment gives new storage.
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode weight and bias (running statistics folded in), cached until something changes."""
+        key = self._cache_key()
+        if self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1], self._fold_cache[2]
+        with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
+            mean, deconv = self._running()
+            w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
+            w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
+        self._fold_cache = (key, w, b)
+        return w, b
+
+    def train(self, mode: bool = True) -> FastDeconv:
+        self._fold_cache = None
+        return super().train(mode)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if x.dim() != 4:
+            raise ValueError(f"FastDeconv expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"FastDeconv expects {self.in_channels} input channels, got {x.shape[1]}")
+        if not self.training:
+            if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+                # Gradients wanted in eval mode: fold afresh so they flow to the weight.
+                with torch.autocast(x.device.type, enabled=False):
+                    mean, deconv = self._running()
+                    w, b = self._fold(mean, deconv)
+                w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
+            else:
+                w, b = self.folded()
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+        frozen = self.freeze and int(self.counter) > self.freeze_iter
+        with torch.no_grad():
+            self.counter.add_(1).remainder_(10 * self.freeze_iter)
+        with torch.autocast(x.device.type, enabled=False):
+            if frozen:
+                mean, deconv = self._running()
+            else:
+                xs = x.to(_stats_dtype(x.dtype))
+                mean, deconv = self._batch_statistics(xs)
+                self._update_running(mean, deconv)
+            w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
+        w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ChannelDeconv(nn.Module):
+    """Whitening of ``block`` channel groups of a feature map (or of a 2-D batch of vectors).
+
+    As in the reference: channels beyond the largest multiple of ``block`` are standardised with one
+    scalar mean and variance; the first training batch initialises the running statistics; the covariance
+    is the second moment of the sampled pixels about zero.
+    """
+
+    def __init__(self, block: int, eps: float = 1e-2, n_iter: int = 5, momentum: float = 0.1,
+                 sampling_stride: int = 3) -> None:
+        super().__init__()
+        _check_positive("block", block)
+        _check_positive("eps", eps, float)
+        _check_positive("n_iter", n_iter)
+        _check_momentum(momentum)
+        _check_positive("sampling_stride", sampling_stride)
+        self.block, self.eps, self.n_iter, self.momentum = block, float(eps), n_iter, float(momentum)
+        self.sampling_stride = sampling_stride
+        self.register_buffer("running_mean1", torch.zeros(block, 1))
+        self.register_buffer("running_deconv", torch.eye(block))
+        self.register_buffer("running_mean2", torch.zeros(1, 1))
+        self.register_buffer("running_var", torch.ones(1, 1))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _track(self, buf: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+        with torch.no_grad():
+            if first:
+                buf.copy_(value.detach())
+            buf.mul_(1 - self.momentum).add_(value.detach(), alpha=self.momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.dim() == 2:
+            x = x.view(shape[0], shape[1], 1, 1)
+        if x.dim() != 4:
+            raise ValueError(f"ChannelDeconv expects a 2-D or 4-D input, got shape {tuple(shape)}")
+        n, c_all, h, w = x.shape
+        b = self.block
+        c = (c_all // b) * b
+        if c == 0:
+            raise ValueError(f"ChannelDeconv block={b} is larger than the {c_all} input channels; use a smaller block")
+        s = self.sampling_stride
+        sample = s > 1 and h >= s and w >= s
+        first = self.training and int(self.num_batches_tracked) == 0
+
+        x1 = x[:, :c].permute(1, 0, 2, 3).reshape(b, -1)
+        x1_s = x1[:, :: s * s] if sample else x1
+        if self.training:
+            mean1 = x1_s.mean(-1, keepdim=True)
+            self._track(self.running_mean1, mean1, first)
+            cov = x1_s @ x1_s.t() / x1_s.shape[1] + self.eps * torch.eye(b, dtype=x.dtype, device=x.device)
+            deconv = isqrt(cov, self.n_iter)
+            self._track(self.running_deconv, deconv, first)
+        else:
+            mean1, deconv = self.running_mean1, self.running_deconv
+        out = (deconv @ (x1 - mean1)).view(c, n, h, w).permute(1, 0, 2, 3)
+
+        if c != c_all:
+            rest = x[:, c:]
+            flat = rest.reshape(n, -1)
+            flat_s = flat[:, :: s * s] if sample else flat
+            if self.training:
+                mean2, var = flat_s.mean(), flat_s.var()
+                self._track(self.running_mean2, mean2.view(1, 1), first)
+                self._track(self.running_var, var.view(1, 1), first)
+            else:
+                mean2, var = self.running_mean2, self.running_var
+            out = torch.cat([out, (rest - mean2) / (var + self.eps).sqrt()], dim=1)
+
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return out.reshape(shape) if len(shape) == 2 else out
+
+
+class Delinear(nn.Module):
+    """A ``Linear`` layer that whitens ``block``-feature groups of its input (shared matrix)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5,
+                 n_iter: int = 5, momentum: float = 0.1, block: int = 512) -> None:
+        super().__init__()
+        _check_positive("in_features", in_features)
+        _check_positive("out_features", out_features)
+        _check_positive("eps", eps, float)
+        _check_positive("n_iter", n_iter)
+        _check_momentum(momentum)
+        self.in_features, self.out_features = in_features, out_features
+        self.block = resolve_block(block, in_features)
+        self.eps, self.n_iter, self.momentum = float(eps), n_iter, float(momentum)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_buffer("running_mean", torch.zeros(self.block))
+        self.register_buffer("running_deconv", torch.eye(self.block))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The nn.Linear initialisation.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Delinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        if self.training:
+            rows = x.reshape(-1, self.block)
+            mean = rows.mean(0)
+            centred = rows - mean
+            eye = torch.eye(self.block, dtype=x.dtype, device=x.device)
+            cov = centred.t() @ centred / rows.shape[0] + self.eps * eye
+            deconv = isqrt(cov, self.n_iter)
+            with torch.no_grad():
+                self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
+                self.running_deconv.mul_(1 - self.momentum).add_(deconv.detach(), alpha=self.momentum)
+        else:
+            mean, deconv = self.running_mean, self.running_deconv
+        w = self.weight.reshape(-1, self.block) @ deconv
+        shift = (w @ mean).view(self.out_features, -1).sum(1)
+        b = -shift if self.bias is None else self.bias - shift
+        return F.linear(x, w.view(self.weight.shape), b)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
