@@ -81,6 +81,23 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 4
 
+    def __post_init__(self) -> None:
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ConfigError(f"key 'data.crop_size' must be [height, width] > 0, got {self.crop_size}")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ConfigError(f"key 'data.scale_range' needs [min, max], 0 < min <= max: {self.scale_range}")
+        if not 0 <= self.hflip_prob <= 1:
+            raise ConfigError(f"key 'data.hflip_prob' must be in [0, 1], got {self.hflip_prob}")
+        for key in ("brightness", "contrast", "saturation"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ConfigError(f"key 'data.hue' must be in [0, 0.5], got {self.hue}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"keys 'data.mean'/'data.std' need 3 values, std > 0: {self.mean}, {self.std}")
+        if self.num_workers < 0:
+            raise ConfigError(f"key 'data.num_workers' must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class TrainConfig:

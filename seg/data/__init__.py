@@ -1,0 +1,18 @@
+"""Data: Cityscapes label semantics, the dataset, augmentation, seeding and a synthetic Cityscapes."""
+
+from seg.data.cityscapes import CityscapesDataset, DatasetError, prepare_train_ids, read_image_rgb, read_label
+from seg.data.seeding import derive_seed, make_generator, seed_dataset_transforms, worker_init_fn
+from seg.data.transforms import build_transforms
+
+__all__ = [
+    "CityscapesDataset",
+    "DatasetError",
+    "build_transforms",
+    "derive_seed",
+    "make_generator",
+    "prepare_train_ids",
+    "read_image_rgb",
+    "read_label",
+    "seed_dataset_transforms",
+    "worker_init_fn",
+]

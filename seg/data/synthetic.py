@@ -1,0 +1,646 @@
+"""A generated Cityscapes: procedural street scenes in the official layout, for the demo and the tests.
+
+Each scene is a list of Cityscapes polygon objects (the real ``*_gtFine_polygons.json`` schema) covering all
+19 evaluated classes plus some void ones. The label images are rasterised from those polygons by
+cityscapesscripts' own ``createLabelImage`` / ``createInstanceImage`` (what ``json2labelImg`` /
+``json2instanceImg`` call), and the photo is rendered from the same rasterisation: per-class colour ranges
+that overlap between classes, per-class textures, per-instance colours, a lighting gradient and noise, so a
+network must use texture and shape rather than a colour lookup. A short video of moving objects is written
+for video inference. Everything is a deterministic function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from cityscapesscripts.helpers.annotation import Annotation
+from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
+from cityscapesscripts.preparation.json2labelImg import createLabelImage
+from PIL import Image, ImageDraw
+
+from seg.data.labels import LABEL_IDS
+
+# Distinct (fictional, underscore-free: cityscapesscripts splits file names on '_') cities per split.
+CITIES: dict[str, tuple[str, ...]] = {
+    "train": ("alderton", "brookfield", "cresthaven"),
+    "val": ("dunmore", "eastwick"),
+    "test": ("fairhaven",),
+}
+FRAME = 19  # Cityscapes annotates the 20th frame of each 30-frame snippet: <city>_<seq>_000019
+VIDEO_NAME = "demoVideo/synthetic_sequence.mp4"
+MAX_SIZE = (1024, 2048)
+MIN_SIZE = (32, 64)
+
+Polygon = list[tuple[float, float]]
+
+
+# --------------------------------------------------------------------------------------------
+# geometry
+
+
+def _clip(poly: Polygon, w: int, h: int) -> Polygon:
+    """Sutherland-Hodgman clip of a polygon to the image rectangle [0, w-1] x [0, h-1]."""
+    edges = (
+        (lambda p: p[0] >= 0, lambda a, b: _cut_x(a, b, 0.0)),
+        (lambda p: p[0] <= w - 1, lambda a, b: _cut_x(a, b, w - 1.0)),
+        (lambda p: p[1] >= 0, lambda a, b: _cut_y(a, b, 0.0)),
+        (lambda p: p[1] <= h - 1, lambda a, b: _cut_y(a, b, h - 1.0)),
+    )
+    out = list(poly)
+    for inside, cut in edges:
+        if not out:
+            break
+        src, out = out, []
+        for i, cur in enumerate(src):
+            prev = src[i - 1]
+            if inside(cur):
+                if not inside(prev):
+                    out.append(cut(prev, cur))
+                out.append(cur)
+            elif inside(prev):
+                out.append(cut(prev, cur))
+    return out
+
+
+def _cut_x(a: tuple[float, float], b: tuple[float, float], x: float) -> tuple[float, float]:
+    t = (x - a[0]) / (b[0] - a[0])
+    return (x, a[1] + t * (b[1] - a[1]))
+
+
+def _cut_y(a: tuple[float, float], b: tuple[float, float], y: float) -> tuple[float, float]:
+    t = (y - a[1]) / (b[1] - a[1])
+    return (a[0] + t * (b[0] - a[0]), y)
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> Polygon:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 16, rng: np.random.Generator | None = None):
+    ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    r = 1.0 if rng is None else rng.uniform(0.8, 1.1, n)
+    return list(zip(cx + rx * r * np.cos(ang), cy + ry * r * np.sin(ang), strict=True))
+
+
+def _compound(
+    draw: Callable[[np.ndarray, float], None], x0: float, y0: float, bw: float, bh: float
+) -> Polygon:
+    """Outline of a shape made of several cv2 primitives (person, bicycle, ...) as ONE polygon.
+
+    ``draw(canvas, scale)`` paints in a unit box scaled to ``bw x bh`` pixels; the outer contour becomes the
+    polygon, placed with its top-left corner at (x0, y0).
+    """
+    pad = 2
+    cw, ch = max(int(np.ceil(bw)), 3), max(int(np.ceil(bh)), 3)
+    canvas = np.zeros((ch + 2 * pad, cw + 2 * pad), np.uint8)
+    draw(canvas, pad)
+    contours, _ = cv2.findContours(canvas, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    c = max(contours, key=cv2.contourArea)
+    c = cv2.approxPolyDP(c, 0.6, True)[:, 0, :].astype(np.float64)
+    return [(x0 + px - pad, y0 + py - pad) for px, py in c]
+
+
+# --------------------------------------------------------------------------------------------
+# scene description
+
+
+@dataclass
+class Item:
+    """A foreground thing: (label, polygon) parts drawn together, ordered by ``depth`` (bottom y)."""
+
+    depth: float
+    parts: list[tuple[str, Polygon]]
+    vx: float = 0.0  # horizontal speed in pixels per video frame
+
+
+@dataclass
+class Scene:
+    width: int
+    height: int
+    background: list[tuple[str, Polygon]] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    overlay: list[tuple[str, Polygon]] = field(default_factory=list)  # always on top (ego vehicle)
+
+    def objects(self, t: float = 0.0) -> list[tuple[str, Polygon]]:
+        """Polygons in drawing order (later ones cover earlier ones), moving items shifted to time ``t``."""
+        out = list(self.background)
+        for item in sorted(self.items, key=lambda it: it.depth):
+            dx = item.vx * t
+            out += [(lab, [(x + dx, y) for x, y in poly]) for lab, poly in item.parts]
+        out += self.overlay
+        clipped = []
+        for lab, poly in out:
+            poly = _clip(poly, self.width, self.height)
+            pts = [[int(round(x)), int(round(y))] for x, y in poly]
+            if len(pts) >= 3 and len({tuple(p) for p in pts}) >= 3:
+                clipped.append((lab, pts))
+        return clipped
+
+
+class _Street:
+    """Road geometry: a trapezoid from the bottom of the image to a vanishing point on the horizon."""
+
+    def __init__(self, rng: np.random.Generator, w: int, h: int):
+        self.w, self.h = w, h
+        self.hz = h * rng.uniform(0.38, 0.46)
+        self.vx = w * rng.uniform(0.42, 0.58)
+        self.top = w * rng.uniform(0.02, 0.04)  # half width of the road at the horizon
+        self.left = w * rng.uniform(0.08, 0.22)
+        self.right = w * rng.uniform(0.78, 0.92)
+        self.walk = w * rng.uniform(0.16, 0.26)  # sidewalk width at the bottom
+
+    def t(self, y: float) -> float:
+        """Depth parameter: 0 at the horizon, 1 at the bottom of the image."""
+        return (y - self.hz) / (self.h - self.hz)
+
+    def road_x(self, y: float) -> tuple[float, float]:
+        t = self.t(y)
+        return (self.vx - self.top) * (1 - t) + self.left * t, (self.vx + self.top) * (1 - t) + self.right * t
+
+    def walk_x(self, y: float, side: int) -> tuple[float, float]:
+        """Outer and inner x of the sidewalk on ``side`` (-1 left, +1 right) at height y."""
+        a, b = self.road_x(y)
+        wid = self.walk * self.t(y) + self.top * 0.8 * (1 - self.t(y))
+        return (a - wid, a) if side < 0 else (b + wid, b)
+
+
+def _person(rng: np.random.Generator, x: float, yb: float, ph: float, riding: bool = False) -> Polygon:
+    pw = ph * 0.42
+    lean = rng.uniform(-0.05, 0.05)
+
+    def draw(c: np.ndarray, p: int) -> None:
+        s = np.array([pw, ph])
+
+        def pt(u: float, v: float) -> tuple[int, int]:
+            return int(p + u * s[0]), int(p + v * s[1])
+
+        th = max(1, int(pw * 0.16))
+        cv2.circle(c, pt(0.5 + lean, 0.08), max(1, int(ph * 0.075)), 255, -1)
+        cv2.ellipse(
+            c, pt(0.5 + lean / 2, 0.33), (max(1, int(pw * 0.22)), max(1, int(ph * 0.18))), 0, 0, 360, 255, -1
+        )
+        cv2.line(c, pt(0.5, 0.2), pt(0.15, 0.5 if not riding else 0.35), 255, th)
+        cv2.line(c, pt(0.5, 0.2), pt(0.85, 0.5 if not riding else 0.35), 255, th)
+        if riding:  # legs bent forward onto the pedals
+            cv2.line(c, pt(0.5, 0.5), pt(0.85, 0.7), 255, th + 1)
+            cv2.line(c, pt(0.85, 0.7), pt(0.75, 0.98), 255, th)
+        else:
+            stride = rng.uniform(0.1, 0.3)
+            cv2.line(c, pt(0.45, 0.5), pt(0.5 - stride, 0.98), 255, th + 1)
+            cv2.line(c, pt(0.55, 0.5), pt(0.5 + stride, 0.98), 255, th + 1)
+
+    return _compound(draw, x - pw / 2, yb - ph, pw, ph)
+
+
+def _two_wheeler(x: float, yb: float, bw: float, motor: bool) -> Polygon:
+    bh = bw * (0.6 if motor else 0.55)
+
+    def draw(c: np.ndarray, p: int) -> None:
+        r = int(bh * 0.3)
+        th = max(1, int(bw * (0.08 if motor else 0.04)))
+        a, b = (p + r, p + int(bh) - r), (p + int(bw) - r, p + int(bh) - r)
+        cv2.circle(c, a, r, 255, th if not motor else -1)
+        cv2.circle(c, b, r, 255, th if not motor else -1)
+        seat = (p + int(bw * 0.4), p + int(bh * 0.35))
+        bar = (p + int(bw * 0.75), p + int(bh * 0.1))
+        cv2.line(c, a, seat, 255, th)
+        cv2.line(c, seat, b, 255, th)
+        cv2.line(c, seat, bar, 255, th)
+        cv2.line(c, bar, b, 255, th)
+        if motor:  # engine block and tank
+            cv2.ellipse(
+                c, (p + int(bw * 0.5), p + int(bh * 0.5)), (int(bw * 0.25), int(bh * 0.2)), 0, 0, 360, 255, -1
+            )
+
+    return _compound(draw, x - bw / 2, yb - bh, bw, bh)
+
+
+def _vehicle(kind: str, x: float, yb: float, vw: float) -> Polygon:
+    """Side-ish silhouettes: a car with a cabin, a truck with cab and box, a bus or a train as long boxes."""
+    if kind == "car":
+        vh = vw * 0.5
+        u = [0, 0, 0.15, 0.3, 0.72, 0.9, 1, 1]
+        v = [1, 0.5, 0.42, 0.02, 0.02, 0.42, 0.5, 1]
+    elif kind == "truck":
+        vh = vw * 0.75
+        u = [0, 0, 0.68, 0.68, 0.86, 1, 1]
+        v = [1, 0, 0, 0.3, 0.3, 0.55, 1]
+    elif kind == "bus":
+        vh = vw * 0.38
+        u = [0, 0, 0.03, 0.97, 1, 1]
+        v = [1, 0.05, 0, 0, 0.05, 1]
+    else:  # train: long, with a sloped nose
+        vh = vw * 0.16
+        u = [0, 0, 0.93, 1, 1]
+        v = [1, 0, 0, 0.35, 1]
+    return [(x - vw / 2 + a * vw, yb - vh + b * vh) for a, b in zip(u, v, strict=True)]
+
+
+def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
+    """A random street scene; every evaluated class appears at least once."""
+    w, h = width, height
+    st = _Street(rng, w, h)
+    hz = st.hz
+    sc = Scene(w, h)
+    bg = sc.background
+    # Sky, ground (terrain beyond the sidewalks), road, sidewalks.
+    bg.append(("sky", _rect(0, 0, w - 1, hz + 2)))
+    bg.append(("terrain", _rect(0, hz, w - 1, h - 1)))
+    if rng.random() < 0.5:
+        gx = rng.uniform(0, 0.6) * w
+        bg.append(("ground", _rect(gx, hz, gx + w * rng.uniform(0.1, 0.3), hz + (h - hz) * 0.25)))
+    ys = (hz, h - 1)
+    for side in (-1, 1):
+        (o0, i0), (o1, i1) = st.walk_x(ys[0], side), st.walk_x(ys[1], side)
+        bg.append(("sidewalk", [(o0, ys[0]), (i0, ys[0]), (i1, ys[1]), (o1, ys[1])]))
+    (a0, b0), (a1, b1) = st.road_x(ys[0]), st.road_x(ys[1])
+    bg.append(("road", [(a0, ys[0]), (b0, ys[0]), (b1, ys[1]), (a1, ys[1])]))
+    if rng.random() < 0.5:  # a parking bay cut into one sidewalk
+        side = int(rng.choice([-1, 1]))
+        y0, y1 = hz + (h - hz) * 0.55, hz + (h - hz) * 0.75
+        (o0, i0), (o1, i1) = st.walk_x(y0, side), st.walk_x(y1, side)
+        m0, m1 = (o0 + i0) / 2, (o1 + i1) / 2
+        bg.append(("parking", [(m0, y0), (i0, y0), (i1, y1), (m1, y1)]))
+
+    # Skyline: buildings (some with gables), trees between them.
+    x = -rng.uniform(0, 0.05) * w
+    while x < w:
+        bw = w * rng.uniform(0.07, 0.2)
+        bh = h * rng.uniform(0.1, 0.34)
+        base = hz + h * 0.02
+        if rng.random() < 0.22:
+            r = bw * 0.6
+            bg.append(("vegetation", _ellipse(x + bw / 2, hz - r * 0.6, r, r * 0.8, rng=rng)))
+        else:
+            poly = _rect(x, hz - bh, x + bw, base)
+            if rng.random() < 0.3:
+                poly = [
+                    (x, base),
+                    (x, hz - bh),
+                    (x + bw / 2, hz - bh - bw * 0.3),
+                    (x + bw, hz - bh),
+                    (x + bw, base),
+                ]
+            bg.append(("building", poly))
+        x += bw
+    # Walls and fences along the horizon, in front of the buildings; a guard rail sometimes.
+    for lab in ("wall", "fence", "fence" if rng.random() < 0.5 else "wall"):
+        x0 = rng.uniform(-0.1, 0.8) * w
+        bw, bh = w * rng.uniform(0.12, 0.3), h * rng.uniform(0.05, 0.1)
+        y1 = hz + h * rng.uniform(0.0, 0.03)
+        bg.append((lab, _rect(x0, y1 - bh, x0 + bw, y1)))
+    # A wall on one side and a fence on the other, running along the outer sidewalk edge in perspective.
+    wall_side = int(rng.choice([-1, 1]))
+    for lab, side in (("wall", wall_side), ("fence", -wall_side)):
+        ya = hz + (h - hz) * rng.uniform(0.05, 0.15)
+        yb = hz + (h - hz) * rng.uniform(0.3, 0.55)
+        (oa, _), (ob, _) = st.walk_x(ya, side), st.walk_x(yb, side)
+        k = h * rng.uniform(0.12, 0.2)  # height at the bottom of the image, shrinking with distance
+        sc.items.append(
+            Item(yb, [(lab, [(oa, ya), (ob, yb), (ob, yb - k * st.t(yb)), (oa, ya - k * st.t(ya))])])
+        )
+    if rng.random() < 0.4:
+        side = int(rng.choice([-1, 1]))
+        y0, y1 = hz + (h - hz) * 0.1, hz + (h - hz) * 0.35
+        (_, i0), (_, i1) = st.walk_x(y0, side), st.walk_x(y1, side)
+        g = h * 0.02
+        bg.append(("guard rail", [(i0, y0 - g), (i1, y1 - 3 * g), (i1, y1), (i0, y0)]))
+    # Trees and hedges by the sidewalks.
+    for _ in range(int(rng.integers(2, 5))):
+        side = int(rng.choice([-1, 1]))
+        yb = hz + (h - hz) * rng.uniform(0.05, 0.5)
+        o, _i = st.walk_x(yb, side)
+        t = st.t(yb)
+        r = h * (0.06 + 0.25 * t)
+        trunk = _rect(o - r * 0.08, yb - r * 1.4, o + r * 0.08, yb)
+        crown = _ellipse(o, yb - r * 1.6, r, r * 0.9, rng=rng)
+        sc.items.append(Item(yb, [("vegetation", trunk), ("vegetation", crown)]))
+
+    # A train on a rail track near the horizon.
+    yb = hz + (h - hz) * rng.uniform(0.06, 0.14)
+    tx = w * rng.uniform(0.2, 0.8)
+    tw = w * rng.uniform(0.35, 0.6)
+    sc.items.append(
+        Item(yb - 0.5, [("rail track", _rect(tx - tw, yb - h * 0.01, tx + tw, yb + h * 0.015))], vx=0)
+    )
+    sc.items.append(
+        Item(yb, [("train", _vehicle("train", tx, yb, tw))], vx=float(rng.choice([-1, 1])) * w * 0.01)
+    )
+
+    def on_road(t_lo: float, t_hi: float) -> tuple[float, float, float]:
+        yb = hz + (h - hz) * rng.uniform(t_lo, t_hi)
+        a, b = st.road_x(yb)
+        return rng.uniform(a, b), yb, st.t(yb)
+
+    # Vehicles on the road, sized by depth.
+    kinds = ["car"] * int(rng.integers(2, 5)) + ["truck", "bus"]
+    for kind in kinds:
+        x, yb, t = on_road(0.15, 0.95)
+        base = {"car": 0.28, "truck": 0.26, "bus": 0.45}[kind]
+        vw = w * base * (0.15 + 0.85 * t)
+        parts = [(kind, _vehicle(kind, x, yb, vw))]
+        if kind == "car":  # plates are labelled (id -1) but never drawn into label images: they stay car
+            pw = vw * 0.12
+            parts.append(("license plate", _rect(x - pw / 2, yb - vw * 0.14, x + pw / 2, yb - vw * 0.09)))
+        sc.items.append(Item(yb, parts, vx=float(rng.uniform(-1, 1)) * w * 0.015))
+    # Two-wheelers, ridden (rider drawn over the bike) or parked on the sidewalk.
+    for motor in (False, True, bool(rng.random() < 0.5)):
+        x, yb, t = on_road(0.3, 0.95)
+        bw = w * (0.15 if motor else 0.12) * (0.2 + 0.8 * t)
+        lab = "motorcycle" if motor else "bicycle"
+        ph = bw * (0.9 if motor else 1.1)
+        rider = _person(rng, x - bw * 0.05, yb - bw * (0.3 if motor else 0.2), ph, riding=True)
+        sc.items.append(Item(yb, [(lab, _two_wheeler(x, yb, bw, motor)), ("rider", rider)], vx=w * 0.012))
+    if rng.random() < 0.7:
+        side = int(rng.choice([-1, 1]))
+        yb = hz + (h - hz) * rng.uniform(0.4, 0.9)
+        o, i = st.walk_x(yb, side)
+        bw = w * 0.1 * (0.2 + 0.8 * st.t(yb))
+        sc.items.append(Item(yb, [("bicycle", _two_wheeler((o + i) / 2, yb, bw, False))]))
+    # Pedestrians on the sidewalks.
+    for _ in range(int(rng.integers(2, 6))):
+        side = int(rng.choice([-1, 1]))
+        yb = hz + (h - hz) * rng.uniform(0.15, 1.0)
+        o, i = st.walk_x(yb, side)
+        ph = h * 0.45 * (0.15 + 0.85 * st.t(yb))
+        sc.items.append(
+            Item(
+                yb,
+                [("person", _person(rng, rng.uniform(min(o, i), max(o, i)), yb, ph))],
+                vx=w * rng.uniform(-0.006, 0.006),
+            )
+        )
+    # Poles with traffic lights and signs at the sidewalk edges.
+    n_poles = int(rng.integers(2, 5))
+    for k in range(n_poles):
+        side = -1 if k % 2 == 0 else 1
+        yb = hz + (h - hz) * rng.uniform(0.15, 0.85)
+        o, i = st.walk_x(yb, side)
+        x = i + (o - i) * 0.25
+        t = st.t(yb)
+        ph = h * (0.25 + 0.5 * t)
+        pw = max(2.0, w * 0.008 * (0.4 + t))
+        parts: list[tuple[str, Polygon]] = [("pole", _rect(x - pw / 2, yb - ph, x + pw / 2, yb))]
+        top = yb - ph
+        s = max(4.0, h * 0.09 * (0.3 + t))
+        if k % 2 == 0 or k == n_poles - 1:
+            parts.append(("traffic light", _rect(x - s * 0.25, top, x + s * 0.25, top + s * 0.8)))
+        if k % 2 == 1 or k == 0:
+            cy = top + s * (1.3 if k == 0 else 0.3)
+            shape = int(rng.integers(0, 3))
+            if shape == 0:
+                sign = _ellipse(x, cy, s * 0.35, s * 0.35)
+            elif shape == 1:
+                sign = [(x - s * 0.4, cy - s * 0.3), (x + s * 0.4, cy - s * 0.3), (x, cy + s * 0.4)]
+            else:
+                sign = _rect(x - s * 0.4, cy - s * 0.3, x + s * 0.4, cy + s * 0.3)
+            parts.append(("traffic sign", sign))
+        sc.items.append(Item(yb, parts))
+    # Some void objects: a static box and a dynamic cart on the sidewalk.
+    for lab in ("static", "dynamic"):
+        if rng.random() < 0.6:
+            side = int(rng.choice([-1, 1]))
+            yb = hz + (h - hz) * rng.uniform(0.3, 0.9)
+            o, i = st.walk_x(yb, side)
+            s = h * 0.08 * (0.2 + 0.8 * st.t(yb))
+            cx = (o + i) / 2
+            sc.items.append(Item(yb, [(lab, _rect(cx - s * 0.6, yb - s, cx + s * 0.6, yb))]))
+    # The ego vehicle's bonnet at the bottom, as in every Cityscapes frame.
+    eh = h * rng.uniform(0.04, 0.08)
+    sc.overlay.append(
+        (
+            "ego vehicle",
+            [(0, h - 1), (0, h - eh * 0.6), (w * 0.5, h - eh), (w - 1, h - eh * 0.6), (w - 1, h - 1)],
+        )
+    )
+    return sc
+
+
+# --------------------------------------------------------------------------------------------
+# rasterising (cityscapesscripts) and rendering
+
+# Appearance by label name: base RGB, per-instance colour jitter, texture -> amplitude. Base colours overlap
+# on purpose (road/sidewalk, building/wall, vegetation/terrain, the vehicles share one paint palette).
+_PAINT = np.array(
+    [[180, 30, 30], [30, 60, 150], [215, 215, 215], [40, 40, 45], [140, 140, 150], [220, 170, 40]]
+)
+_LOOK: dict[str, tuple[tuple[int, int, int], int, dict[str, float]]] = {
+    "road": ((95, 92, 98), 8, {"grain": 0.10, "blob": 0.10}),
+    "sidewalk": ((118, 110, 112), 10, {"tiles": 0.30, "grain": 0.05}),
+    "parking": ((105, 95, 100), 8, {"hstripe": 0.2}),
+    "ground": ((110, 100, 85), 8, {"blob": 0.2}),
+    "building": ((115, 105, 100), 30, {"windows": 0.45, "blob": 0.08}),
+    "wall": ((120, 108, 100), 15, {"bricks": 0.30}),
+    "fence": ((130, 120, 105), 15, {"pickets": 0.55}),
+    "guard rail": ((160, 160, 165), 5, {"hstripe": 0.3}),
+    "pole": ((125, 125, 128), 10, {"vstripe": 0.15}),
+    "traffic light": ((35, 35, 35), 5, {"lamps": 1.2}),
+    "traffic sign": ((200, 40, 40), 0, {"grain": 0.05}),
+    "vegetation": ((70, 110, 45), 15, {"leaves": 0.45}),
+    "terrain": ((105, 125, 65), 10, {"grass": 0.25}),
+    "sky": ((140, 180, 225), 10, {"clouds": 0.12}),
+    "person": ((90, 70, 60), 60, {"grain": 0.10}),
+    "rider": ((90, 70, 60), 60, {"grain": 0.10}),
+    "car": ((0, 0, 0), 20, {"shine": 0.25}),
+    "truck": ((0, 0, 0), 20, {"hstripe": 0.25}),
+    "bus": ((0, 0, 0), 20, {"busband": 0.55}),
+    "train": ((0, 0, 0), 15, {"windows": 0.4}),
+    "motorcycle": ((0, 0, 0), 15, {"grain": 0.2}),
+    "bicycle": ((50, 45, 45), 20, {"grain": 0.2}),
+    "license plate": ((225, 225, 215), 5, {}),
+    "rail track": ((95, 80, 70), 10, {"vstripe": 0.35}),
+    "static": ((100, 110, 120), 20, {"grain": 0.1}),
+    "dynamic": ((111, 74, 30), 20, {"grain": 0.1}),
+    "ego vehicle": ((25, 25, 30), 5, {"grain": 0.05}),
+}
+_SIGN_COLOURS = np.array([[200, 30, 30], [30, 70, 180], [230, 200, 30]])
+_PAINTED = ("car", "truck", "bus", "train", "motorcycle")
+
+
+def _textures(rng: np.random.Generator, h: int, w: int, names: set[str]) -> dict[str, np.ndarray]:
+    """Zero-mean-ish texture fields in about [-1, 1] at full resolution (only those needed)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    s = max(h / 256.0, 0.25)  # texture scale follows the image size
+
+    def smooth_noise(cell: float) -> np.ndarray:
+        gh, gw = max(2, int(h / cell) + 2), max(2, int(w / cell) + 2)
+        small = rng.standard_normal((gh, gw)).astype(np.float32)
+        return np.clip(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), -2, 2) / 2
+
+    makers: dict[str, Callable[[], np.ndarray]] = {
+        "grain": lambda: np.clip(rng.standard_normal((h, w)).astype(np.float32) / 2, -1, 1),
+        "blob": lambda: smooth_noise(40 * s),
+        "clouds": lambda: smooth_noise(60 * s) + 0.5 * (yy / h - 0.5),
+        "leaves": lambda: np.sign(smooth_noise(4 * s)) * 0.7 + 0.3 * smooth_noise(12 * s),
+        "grass": lambda: smooth_noise(3 * s) * 0.4 + np.sin(xx / (1.3 * s)) * 0.6,
+        "tiles": lambda: np.where((xx % (14 * s) < 1.5 * s) | (yy % (8 * s) < 1.5 * s), -1.0, 0.2).astype(
+            np.float32
+        ),
+        "windows": lambda: np.where((xx % (12 * s) < 6 * s) & (yy % (16 * s) < 9 * s), -1.0, 0.3).astype(
+            np.float32
+        ),
+        "bricks": lambda: np.where(yy % (5 * s) < 1.2 * s, -1.0, 0.25).astype(np.float32),
+        "pickets": lambda: np.sign(np.sin(xx / (1.6 * s))).astype(np.float32),
+        "hstripe": lambda: np.sin(yy / (2.0 * s)).astype(np.float32),
+        "vstripe": lambda: np.sin(xx / (1.5 * s)).astype(np.float32),
+        "lamps": lambda: np.where(np.sin(yy / (1.6 * s)) > 0.6, 1.0, -0.2).astype(np.float32),
+        "shine": lambda: np.sin(yy / (6.0 * s)).astype(np.float32),
+        "busband": lambda: np.where((yy % (24 * s) > 5 * s) & (yy % (24 * s) < 12 * s), -1.0, 0.2).astype(
+            np.float32
+        ),
+    }
+    return {k: makers[k]() for k in sorted(names)}
+
+
+def _rasterise(objects: list[tuple[str, list[list[int]]]], w: int, h: int) -> Annotation:
+    ann = Annotation()
+    ann.fromJsonText(json.dumps(_json(objects, w, h)))
+    return ann
+
+
+def _json(objects: list[tuple[str, list[list[int]]]], w: int, h: int) -> dict:
+    return {
+        "imgHeight": h,
+        "imgWidth": w,
+        "objects": [{"label": lab, "polygon": poly} for lab, poly in objects],
+    }
+
+
+def render(
+    rng: np.random.Generator, objects: list[tuple[str, list[list[int]]]], label_ids: np.ndarray
+) -> np.ndarray:
+    """Photo (RGB uint8) of a scene from its label map and polygons (for per-object colours)."""
+    h, w = label_ids.shape
+    # Object index map, rasterised by PIL exactly like cityscapesscripts' label images.
+    index_img = Image.new("I", (w, h), 0)
+    draw = ImageDraw.Draw(index_img)
+    for k, (_lab, poly) in enumerate(objects):
+        draw.polygon([tuple(p) for p in poly], fill=k + 1)
+    index = np.asarray(index_img, dtype=np.int64)
+    colours = np.zeros((len(objects) + 1, 3), np.float32)
+    for k, (lab, _poly) in enumerate(objects):
+        base, jitter, _tex = _LOOK[lab]
+        if lab in _PAINTED:
+            base = _PAINT[rng.integers(len(_PAINT))]
+        elif lab == "traffic sign":
+            base = _SIGN_COLOURS[rng.integers(len(_SIGN_COLOURS))]
+        colours[k + 1] = np.clip(np.asarray(base, np.float32) + rng.uniform(-jitter, jitter, 3), 0, 255)
+    img = colours[index]
+    # Class textures, selected by the label map (license plates are car there and keep their plain look).
+    names = {lab for lab, _ in objects}
+    needed = {t for lab in names for t in _LOOK[lab][2]}
+    fields = _textures(rng, h, w, needed)
+    for lab in names:
+        tex = _LOOK[lab][2]
+        lid = LABEL_IDS[lab]
+        if not tex or lid < 0:
+            continue
+        m = label_ids == lid
+        if not m.any():
+            continue
+        mod = sum(amp * fields[name][m] for name, amp in tex.items())
+        img[m] *= 1.0 + np.asarray(mod, np.float32)[:, None]
+    # Lighting: a global gain and a linear gradient, then sensor noise and a slight blur.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gain = rng.uniform(0.8, 1.15) * (
+        1 + rng.uniform(-0.3, 0.3) * (xx / w - 0.5) + rng.uniform(-0.2, 0.2) * (yy / h - 0.5)
+    )
+    img *= gain[..., None]
+    img += rng.normal(0, 5, img.shape).astype(np.float32)
+    img = cv2.GaussianBlur(img, (3, 3), 0.6)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path}")
+
+
+def write_sample(rng: np.random.Generator, scene: Scene, image_path: Path, gt_prefix: Path | None) -> None:
+    """Write one frame: the photo, and with ``gt_prefix`` the polygons JSON and the four label images."""
+    w, h = scene.width, scene.height
+    objects = scene.objects()
+    ann = _rasterise(objects, w, h)
+    label_ids = np.asarray(createLabelImage(ann, "ids"), dtype=np.uint8)
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    _save_png(image_path, cv2.cvtColor(render(rng, objects, label_ids), cv2.COLOR_RGB2BGR))
+    if gt_prefix is None:
+        return
+    gt_prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{gt_prefix}_polygons.json", "w") as f:
+        json.dump(_json(objects, w, h), f, indent=4)
+    _save_png(Path(f"{gt_prefix}_labelIds.png"), label_ids)
+    _save_png(Path(f"{gt_prefix}_labelTrainIds.png"), np.asarray(createLabelImage(ann, "trainIds"), np.uint8))
+    createLabelImage(ann, "color").save(f"{gt_prefix}_color.png")
+    # Pillow cannot write mode-I PNGs: store the instance image as 16-bit (ids are < 34000).
+    _save_png(
+        Path(f"{gt_prefix}_instanceIds.png"), np.asarray(createInstanceImage(ann, "ids")).astype(np.uint16)
+    )
+
+
+def _check_size(height: int, width: int) -> None:
+    if not (MIN_SIZE[0] <= height <= MAX_SIZE[0] and MIN_SIZE[1] <= width <= MAX_SIZE[1]):
+        raise ValueError(
+            f"synthetic image size {height}x{width} (HxW) out of range: height {MIN_SIZE[0]}..{MAX_SIZE[0]}, "
+            f"width {MIN_SIZE[1]}..{MAX_SIZE[1]}"
+        )
+
+
+def write_video(path: Path, frames: int, height: int, width: int, seed: int, fps: int = 10) -> None:
+    """A short clip of one scene whose vehicles, riders and pedestrians move (mp4, OpenCV 'mp4v')."""
+    _check_size(height, width)
+    rng = np.random.default_rng([seed, 1000])
+    scene = build_scene(rng, width, height)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV cannot write an mp4v video at {path}")
+    try:
+        for t in range(frames):
+            objects = scene.objects(float(t))
+            label_ids = np.asarray(createLabelImage(_rasterise(objects, width, height), "ids"), np.uint8)
+            # Same lighting/colours every frame: reseed the renderer per frame from the scene seed.
+            frame = render(np.random.default_rng([seed, 1001]), objects, label_ids)
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
+
+
+def generate(
+    root: str | Path,
+    train: int = 40,
+    val: int = 10,
+    test: int = 5,
+    height: int = 256,
+    width: int = 512,
+    seed: int = 0,
+    video_frames: int = 20,
+) -> Path:
+    """Write a synthetic Cityscapes under ``root`` (leftImg8bit/, gtFine/, demoVideo/); returns ``root``.
+
+    The test split gets images only (no labels), like the public test set. Each image depends only on
+    (seed, split, index), so sets of different sizes share their first images.
+    """
+    _check_size(height, width)
+    root = Path(root)
+    for split_no, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
+        if count < 0:
+            raise ValueError(f"number of {split} images must be >= 0, got {count}")
+        cities = CITIES[split]
+        for i in range(count):
+            rng = np.random.default_rng([seed, split_no, i])
+            city = cities[i % len(cities)]
+            name = f"{city}_{i // len(cities):06d}_{FRAME:06d}"
+            image_path = root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png"
+            gt_prefix = None if split == "test" else root / "gtFine" / split / city / f"{name}_gtFine"
+            write_sample(rng, build_scene(rng, width, height), image_path, gt_prefix)
+    if video_frames > 0:
+        write_video(root / VIDEO_NAME, video_frames, height, width, seed)
+    return root

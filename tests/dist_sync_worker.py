@@ -1,0 +1,45 @@
+"""Run by test_nn_sync.py: FastDeconv(sync=True) on two gloo processes with an unequal batch split."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from seg.nn import FastDeconv
+
+SPLIT = (3, 2)  # samples on rank 0 and rank 1
+
+
+def make_inputs():
+    torch.manual_seed(0)
+    layer = FastDeconv(8, 5, 3, padding=1, block=4, sync=True).double()
+    x = torch.randn(sum(SPLIT), 8, 10, 9, dtype=torch.float64) * 1.5 + 0.3
+    grad = torch.randn(sum(SPLIT), 5, 10, 9, dtype=torch.float64)
+    return layer, x, grad
+
+
+def worker(rank: int, out_dir: str, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    layer, x, grad = make_inputs()
+    lo = sum(SPLIT[:rank])
+    xl = x[lo: lo + SPLIT[rank]].clone().requires_grad_()
+    for _ in range(2):  # two steps: running statistics accumulate
+        xl.grad = None
+        y = layer(xl)
+        y.backward(grad[lo: lo + SPLIT[rank]])
+    torch.save({"y": y.detach(), "grad_x": xl.grad, "running_mean": layer.running_mean,
+                "running_deconv": layer.running_deconv, "grad_weight": layer.weight.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo can abort in interpreter teardown; nothing is left to do
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    mp.spawn(worker, args=(out_dir, os.path.join(out_dir, "init")), nprocs=2, join=True)

@@ -1,0 +1,42 @@
+"""Label semantics against cityscapesscripts' own table."""
+
+import numpy as np
+import pytest
+from cityscapesscripts.helpers.labels import id2label, labels, trainId2label
+
+from seg.data import labels as L
+
+
+def test_every_label_id_maps_to_the_cityscapesscripts_train_id():
+    for lab in labels:
+        expected = lab.trainId if 0 <= lab.trainId < 255 else 255
+        got = L.label_to_train(np.array([lab.id], dtype=np.int64))[0]
+        assert got == expected, lab
+        if lab.id >= 0:
+            assert L.label_to_train(np.array([lab.id], dtype=np.uint8))[0] == expected, lab
+    # ids cityscapesscripts does not define are ignored, through both code paths
+    undefined = np.array([i for i in range(256) if i not in id2label])
+    assert (L.label_to_train(undefined.astype(np.uint8)) == 255).all()
+    assert (L.label_to_train(undefined.astype(np.int32)) == 255).all()
+    assert L.label_to_train(np.array([-1, 300])).tolist() == [255, 255]
+
+
+def test_export_maps_train_ids_back_to_label_ids():
+    train_ids = np.arange(L.NUM_CLASSES, dtype=np.uint8)
+    back = L.train_to_label(train_ids)
+    for t, lid in zip(train_ids, back, strict=True):
+        assert trainId2label[int(t)].id == lid
+        assert id2label[int(lid)].trainId == t
+    assert L.train_to_label(np.array([255]))[0] == id2label[0].id == 0  # ignore -> 'unlabeled'
+    round_trip = L.label_to_train(L.train_to_label(np.array([[0, 18], [255, 7]])))
+    assert round_trip.tolist() == [[0, 18], [255, 7]]
+    with pytest.raises(ValueError, match="19 is not a trainId"):
+        L.train_to_label(np.array([19]))
+
+
+def test_names_and_palette_follow_train_id_order():
+    assert L.NUM_CLASSES == 19 and L.IGNORE_INDEX == 255
+    assert L.CLASS_NAMES == tuple(trainId2label[i].name for i in range(19))
+    assert L.PALETTE.shape == (19, 3) and L.PALETTE.dtype == np.uint8
+    assert [tuple(c) for c in L.PALETTE] == [trainId2label[i].color for i in range(19)]
+    assert L.LABEL_IDS["car"] == 26 and L.LABEL_IDS["license plate"] == -1

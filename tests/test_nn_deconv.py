@@ -1,0 +1,425 @@
+"""FastDeconv against the reference's own numbers and against a plainly written float64 operator."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seg.nn import ChannelDeconv, Delinear, FastDeconv, isqrt_newton_schulz
+
+GOLDEN = Path(__file__).parent / "data" / "fastdeconv_reference.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference implementation's outputs (tests/data/fastdeconv_reference.npz)
+
+
+def _golden_cases():
+    data = np.load(GOLDEN)
+    return data, json.loads(str(data["cases_json"]))
+
+
+_DATA, _CASES = _golden_cases()
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c["name"] for c in _CASES])
+def test_matches_reference_outputs(case):
+    d, n = _DATA, case["name"]
+    kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "block")}
+    kwargs.update({k: case[k] for k in ("n_iter", "freeze", "freeze_iter") if k in case})
+    layer = FastDeconv(case["in_channels"], case["out_channels"], case["kernel_size"], **kwargs).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(d[f"{n}/weight"]))
+        layer.bias.copy_(torch.from_numpy(d[f"{n}/bias"]))
+
+    def close(actual, key):
+        ref = torch.from_numpy(d[key])
+        torch.testing.assert_close(actual.detach().reshape(ref.shape), ref, rtol=1e-9, atol=1e-9 * ref.abs().max())
+
+    for t in range(case["train_steps"]):
+        x = torch.from_numpy(d[f"{n}/train{t}/x"]).double().requires_grad_()
+        y = layer(x)
+        y.backward(torch.from_numpy(d[f"{n}/train{t}/grad_out"]).double())
+        close(y, f"{n}/train{t}/y")
+        close(x.grad, f"{n}/train{t}/grad_x")
+        close(layer.weight.grad, f"{n}/train{t}/grad_weight")
+        close(layer.bias.grad, f"{n}/train{t}/grad_bias")
+        layer.zero_grad()
+    close(layer.running_mean, f"{n}/running_mean")
+    close(layer.running_deconv, f"{n}/running_deconv")
+    layer.eval()
+    with torch.no_grad():
+        close(layer(torch.from_numpy(d[f"{n}/eval/x"]).double()), f"{n}/eval/y")
+
+
+# ---------------------------------------------------------------------------------------------
+# an independent, plainly written float64 version of the operator
+
+
+def _patches(x, k, stride, padding, dilation):
+    """All patches at ``stride`` as rows (N·L, C·kh·kw), channel-major, by explicit slicing."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
+    xp = F.pad(x, (pw, pw, ph, ph))
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = []
+    for ch in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                sl = xp[:, ch, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                cols.append(sl.reshape(n, oh * ow))
+    return torch.stack(cols, dim=-1).reshape(n * oh * ow, -1), (oh, ow)
+
+
+def _ns(a, n_iter):
+    norm = torch.sqrt((a * a).sum())
+    y, z = a / norm, torch.eye(a.shape[0], dtype=a.dtype)
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    for _ in range(n_iter):
+        t = 0.5 * (3 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return z / torch.sqrt(norm)
+
+
+def plain_deconv(x, weight, bias, *, stride, padding, dilation, groups, block, n_iter=5, eps=1e-5, s=3):
+    """Whiten each patch's groups explicitly, then apply the conv as a matrix product."""
+    c = x.shape[1]
+    k = tuple(weight.shape[2:])
+    if groups > 1:
+        block = c // groups
+    elif block > c:
+        block = c
+    elif c % block:
+        block = math.gcd(block, c)
+    nf = block * k[0] * k[1]
+    samp_stride = (s * stride[0], s * stride[1])
+    if k == (1, 1):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)[:: samp_stride[0] * samp_stride[1]]
+    else:
+        rows, _ = _patches(x, k, samp_stride, padding, dilation)
+
+    def split(r):  # (M, C·k²) -> list of (M, nf) sample blocks, one per matrix "slot"
+        if groups > 1:
+            return [r[:, g * nf:(g + 1) * nf] for g in range(groups)]
+        per = c // block
+        return [r[:, g::per] for g in range(per)]
+
+    if groups > 1:
+        means = [b.mean(0) for b in split(rows)]
+        mats = []
+        for b, m in zip(split(rows), means):
+            xc = b - m
+            mats.append(_ns(xc.t() @ xc / xc.shape[0] + eps * torch.eye(nf, dtype=x.dtype), n_iter))
+    else:
+        samples = torch.cat(split(rows), dim=0)
+        mean = samples.mean(0)
+        xc = samples - mean
+        d = _ns(xc.t() @ xc / xc.shape[0] + eps * torch.eye(nf, dtype=x.dtype), n_iter)
+        means, mats = [mean] * (c // block), [d] * (c // block)
+
+    all_rows, (oh, ow) = _patches(x, k, stride, padding, dilation)
+    pieces = split(all_rows)
+    white = [(p - m) @ d.t() for p, m, d in zip(pieces, means, mats)]
+    whitened = torch.empty_like(all_rows)
+    if groups > 1:
+        for g, wpiece in enumerate(white):
+            whitened[:, g * nf:(g + 1) * nf] = wpiece
+        out_per_group = weight.shape[0] // groups
+        outs = [whitened[:, g * nf:(g + 1) * nf] @ weight[g * out_per_group:(g + 1) * out_per_group].reshape(
+            out_per_group, -1).t() for g in range(groups)]
+        y = torch.cat(outs, dim=1)
+    else:
+        per = c // block
+        for g, wpiece in enumerate(white):
+            whitened[:, g::per] = wpiece
+        y = whitened @ weight.reshape(weight.shape[0], -1).t()
+    y = y + bias
+    n = x.shape[0]
+    return y.reshape(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+
+GEOMETRIES = {
+    "1x1": dict(c=16, out=6, k=1, stride=1, padding=0, dilation=1, groups=1, block=8, hw=(9, 11)),
+    "3x3": dict(c=16, out=5, k=3, stride=1, padding=1, dilation=1, groups=1, block=4, hw=(10, 12)),
+    "stem7x7_s2": dict(c=3, out=4, k=7, stride=2, padding=3, dilation=1, groups=1, block=64, hw=(16, 18)),
+    "dilation2": dict(c=8, out=4, k=3, stride=1, padding=2, dilation=2, groups=1, block=8, hw=(11, 10)),
+    "stride2": dict(c=8, out=4, k=3, stride=2, padding=1, dilation=1, groups=1, block=4, hw=(13, 14)),
+    "depthwise": dict(c=6, out=6, k=3, stride=1, padding=1, dilation=1, groups=6, block=64, hw=(9, 9)),
+    "grouped": dict(c=8, out=4, k=3, stride=1, padding=1, dilation=1, groups=2, block=64, hw=(9, 9)),
+    "c_not_divisible": dict(c=12, out=4, k=3, stride=1, padding=1, dilation=1, groups=1, block=8, hw=(9, 10)),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_matches_plain_float64_operator(name):
+    g = GEOMETRIES[name]
+    torch.manual_seed(0)
+    layer = FastDeconv(g["c"], g["out"], g["k"], g["stride"], g["padding"], g["dilation"], g["groups"],
+                       block=g["block"]).double()
+    x = torch.randn(2, g["c"], *g["hw"], dtype=torch.float64) * 2 + 0.5
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2 = layer.weight.detach().clone().requires_grad_()
+    b2 = layer.bias.detach().clone().requires_grad_()
+
+    y1 = layer(x1)
+    y2 = plain_deconv(x2, w2, b2, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                      groups=g["groups"], block=g["block"])
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.weight.grad, w2.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad, b2.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_block_rule():
+    assert FastDeconv(3, 4, 3).block == 3  # block > C_in -> C_in
+    assert FastDeconv(96, 4, 3).block == 32  # gcd(64, 96)
+    assert FastDeconv(128, 4, 3).block == 64
+    assert FastDeconv(8, 8, 3, groups=4).block == 2  # grouped: C_in / groups
+    layer = FastDeconv(96, 4, 3)
+    assert layer.running_deconv.shape == (9 * 32, 9 * 32)
+    dw = FastDeconv(8, 8, 3, groups=8)
+    assert dw.running_deconv.shape == (8, 9, 9) and dw.running_mean.shape == (72,)
+
+
+def test_many_iterations_whiten_to_identity():
+    torch.manual_seed(1)
+    layer = FastDeconv(8, 4, 1, block=8, n_iter=40, sampling_stride=1, eps=1e-8).double()
+    mix = torch.randn(8, 8, dtype=torch.float64)
+    x = torch.einsum("ij,njhw->nihw", mix, torch.randn(4, 8, 16, 16, dtype=torch.float64)) + 3.0
+    layer(x)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
+    mean = layer.running_mean / layer.momentum  # first update from zero: m·μ
+    d = (layer.running_deconv - (1 - layer.momentum) * torch.eye(8, dtype=torch.float64)) / layer.momentum
+    white = (rows - mean) @ d.t()
+    cov = white.t() @ white / white.shape[0]
+    assert (cov - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-3
+
+
+def test_gradcheck_small_layer():
+    torch.manual_seed(2)
+    layer = FastDeconv(4, 3, 3, padding=1, block=2, sampling_stride=1).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_()
+
+    def run(inp, weight):
+        return torch.func.functional_call(layer, {"weight": weight}, (inp,), strict=False)
+
+    assert torch.autograd.gradcheck(run, (x, w), eps=1e-6, atol=1e-6)
+
+
+def test_isqrt_newton_schulz_batched_matches_single():
+    torch.manual_seed(3)
+    a = torch.randn(3, 6, 6, dtype=torch.float64)
+    spd = a @ a.transpose(1, 2) + 0.5 * torch.eye(6, dtype=torch.float64)
+    batched = isqrt_newton_schulz(spd, 30)
+    for i in range(3):
+        single = isqrt_newton_schulz(spd[i], 30)
+        torch.testing.assert_close(batched[i], single)
+        torch.testing.assert_close(single @ spd[i] @ single, torch.eye(6, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# running statistics, eval cache, state_dict
+
+
+def _trained_layer(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = FastDeconv(8, 6, 3, padding=1, block=4, **kwargs)
+    for _ in range(3):
+        layer(torch.randn(2, 8, 12, 12) + 1.0)
+    return layer.eval()
+
+
+def test_eval_uses_running_statistics():
+    layer = _trained_layer()
+    x = torch.randn(2, 8, 12, 12)
+    y = layer(x)
+    mean = layer.running_mean.view(1, -1)
+    d = layer.running_deconv.view(1, 36, 36)
+    w, b = layer._fold(mean, d)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1))
+    # The batch does not matter in eval mode: one sample alone gives the same output.
+    torch.testing.assert_close(layer(x[:1]), y[:1])
+
+
+def test_state_dict_round_trip_keeps_counter_and_outputs():
+    layer = _trained_layer(freeze=True, freeze_iter=2)
+    assert int(layer.counter) == 3
+    fresh = FastDeconv(8, 6, 3, padding=1, block=4, freeze=True, freeze_iter=2).eval()
+    fresh.load_state_dict(layer.state_dict())
+    assert int(fresh.counter) == 3
+    x = torch.randn(2, 8, 12, 12)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    # Training continues identically: both are past freeze_iter, so the running statistics are used.
+    layer.train()
+    fresh.train()
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_freeze_schedule_counts_like_the_reference():
+    layer = FastDeconv(3, 4, 3, padding=1, freeze=True, freeze_iter=2)
+    updated = []
+    for _ in range(25):
+        before = layer.running_deconv.clone()
+        layer(torch.randn(1, 3, 8, 8))
+        updated.append(not torch.equal(before, layer.running_deconv))
+    # Statistics refresh while the counter (before the step) is <= 2; it wraps at 10·freeze_iter = 20.
+    expected = [(i % 20) <= 2 for i in range(25)]
+    assert updated == expected
+
+
+def test_eval_cache_invalidated_when_weights_change():
+    layer = _trained_layer()
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        y0 = layer(x)
+        assert layer._fold_cache is not None
+        cached = layer._fold_cache[1]
+        assert layer(x).equal(y0) and layer._fold_cache[1] is cached  # reused, not recomputed
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    opt.step()
+    with torch.no_grad():
+        y1 = layer(x)
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, F.conv2d(x, *layer._fold(*layer._running()), padding=1))
+    # load_state_dict also invalidates.
+    other = _trained_layer(seed=5)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), other(x))
+    # and .to() (new storage)
+    layer = layer.double()
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
+
+
+def test_eval_gradients_flow_to_weight():
+    layer = _trained_layer()
+    x = torch.randn(1, 8, 12, 12)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def test_cpu_bfloat16_autocast_is_finite_and_close():
+    torch.manual_seed(4)
+    layer = FastDeconv(16, 8, 3, padding=1, block=8)
+    x = torch.randn(2, 16, 16, 16) * 3 + 2
+    ref_layer = copy.deepcopy(layer)
+    y32 = ref_layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16  # what a plain conv gives under the same autocast
+    assert torch.isfinite(y16).all()
+    rel = (y16.float() - y32).abs().max() / y32.abs().max()
+    assert rel < 0.05
+    # statistics stay float32
+    assert layer.running_deconv.dtype == torch.float32
+    torch.testing.assert_close(layer.running_deconv, ref_layer.running_deconv, rtol=1e-4, atol=1e-5)
+    y16.float().sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checking
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(block=0), "block"),
+        (dict(block=-4), "block"),
+        (dict(eps=0.0), "eps"),
+        (dict(eps=-1e-5), "eps"),
+        (dict(n_iter=0), "n_iter"),
+        (dict(momentum=0.0), "momentum"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(sampling_stride=0), "sampling_stride"),
+        (dict(freeze_iter=0), "freeze_iter"),
+        (dict(kernel_size=(1, 2, 3)), "kernel_size"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, name):
+    args = dict(in_channels=8, out_channels=4, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        FastDeconv(**args)
+
+
+def test_bad_input_raises_value_error():
+    layer = FastDeconv(8, 4, 3)
+    with pytest.raises(ValueError, match="4-D"):
+        layer(torch.randn(8, 5, 5))
+    with pytest.raises(ValueError, match="8 input channels"):
+        layer(torch.randn(1, 4, 5, 5))
+
+
+def test_is_a_conv2d_and_takes_tuples():
+    layer = FastDeconv(8, 4, (3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1))
+    assert isinstance(layer, torch.nn.Conv2d)
+    assert layer(torch.randn(2, 8, 10, 10)).shape == (2, 4, 5, 5)
+    no_bias = FastDeconv(8, 4, 3, bias=False)
+    assert no_bias.bias is None
+    assert no_bias(torch.randn(2, 8, 10, 10)).shape == (2, 4, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# ChannelDeconv and Delinear
+
+
+def test_channel_deconv_whitens_and_standardises_the_rest():
+    torch.manual_seed(6)
+    layer = ChannelDeconv(4, eps=1e-6, n_iter=30, sampling_stride=1).double()
+    x = torch.randn(3, 6, 8, 8, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == x.shape
+    blocks = y[:, :4].permute(1, 0, 2, 3).reshape(4, -1)
+    cov = blocks @ blocks.t() / blocks.shape[1]
+    # The reference whitens with the second moment about zero and then centres, so the covariance of the
+    # output is I minus the outer product of the whitened mean.
+    assert (cov - torch.eye(4, dtype=torch.float64)).abs().max() < 0.05
+    rest = y[:, 4:]
+    assert abs(float(rest.mean())) < 1e-8 and abs(float(rest.std()) - 1) < 1e-3
+    layer.eval()
+    assert layer(x).shape == x.shape
+    assert ChannelDeconv(4)(torch.randn(5, 8)).shape == (5, 8)
+
+
+def test_channel_deconv_errors():
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        ChannelDeconv(4)(torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match="block"):
+        ChannelDeconv(8)(torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="block"):
+        ChannelDeconv(0)
+
+
+def test_delinear_matches_linear_on_whitened_input():
+    torch.manual_seed(7)
+    layer = Delinear(12, 5, block=8, n_iter=5).double()
+    assert layer.block == 4  # gcd(8, 12)
+    x = torch.randn(32, 12, dtype=torch.float64) * 2 + 1
+    y = layer(x)
+    rows = x.reshape(-1, 4)
+    mean = rows.mean(0)
+    xc = rows - mean
+    d = _ns(xc.t() @ xc / xc.shape[0] + 1e-5 * torch.eye(4, dtype=torch.float64), 5)
+    white = ((rows - mean) @ d.t()).reshape(32, 12)
+    torch.testing.assert_close(y, white @ layer.weight.t() + layer.bias)
+    with pytest.raises(ValueError, match="12 input features"):
+        layer(torch.randn(3, 10, dtype=torch.float64))

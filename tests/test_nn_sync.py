@@ -1,0 +1,39 @@
+"""Cross-process deconvolution statistics equal single-process statistics on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.dist_sync_worker import SPLIT, make_inputs
+
+
+def test_sync_two_gloo_processes_equal_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    worker = Path(__file__).with_name("dist_sync_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    layer, x, grad = make_inputs()
+    layer.sync = True  # no process group here: plain local statistics over the whole batch
+    x = x.clone().requires_grad_()
+    for _ in range(2):
+        x.grad = None
+        y = layer(x)
+        y.backward(grad)
+
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), x.grad, rtol=1e-9, atol=1e-10)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], layer.running_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r["running_deconv"], layer.running_deconv, rtol=1e-10, atol=1e-12)
+    # Each rank's weight gradient is its share; DDP sums (averages) them.
+    torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], layer.weight.grad,
+                               rtol=1e-9, atol=1e-10)
+    assert SPLIT[0] != SPLIT[1]
