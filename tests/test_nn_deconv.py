@@ -29,10 +29,12 @@ def _golden_cases():
 _DATA, _CASES = _golden_cases()
 
 
+@pytest.mark.parametrize("method", ["iterate", "eigh"])
 @pytest.mark.parametrize("case", _CASES, ids=[c["name"] for c in _CASES])
-def test_matches_reference_outputs(case):
+def test_matches_reference_outputs(case, method):
     d, n = _DATA, case["name"]
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "block")}
+    kwargs["isqrt_method"] = method
     kwargs.update({k: case[k] for k in ("n_iter", "freeze", "freeze_iter") if k in case})
     layer = FastDeconv(case["in_channels"], case["out_channels"], case["kernel_size"], **kwargs).double()
     with torch.no_grad():
@@ -158,12 +160,13 @@ GEOMETRIES = {
 }
 
 
+@pytest.mark.parametrize("method", ["iterate", "eigh"])
 @pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_matches_plain_float64_operator(name):
+def test_matches_plain_float64_operator(name, method):
     g = GEOMETRIES[name]
     torch.manual_seed(0)
     layer = FastDeconv(g["c"], g["out"], g["k"], g["stride"], g["padding"], g["dilation"], g["groups"],
-                       block=g["block"]).double()
+                       block=g["block"], isqrt_method=method).double()
     x = torch.randn(2, g["c"], *g["hw"], dtype=torch.float64) * 2 + 0.5
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w2 = layer.weight.detach().clone().requires_grad_()
@@ -352,6 +355,7 @@ def test_cpu_bfloat16_autocast_is_finite_and_close():
         (dict(sampling_stride=0), "sampling_stride"),
         (dict(freeze_iter=0), "freeze_iter"),
         (dict(kernel_size=(1, 2, 3)), "kernel_size"),
+        (dict(isqrt_method="svd"), "isqrt_method"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, name):

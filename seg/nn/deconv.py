@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seg.nn.isqrt import isqrt
+from seg.nn.isqrt import METHODS, isqrt
 from seg.nn.sync import all_reduce_sum, sync_active
 
 
@@ -70,6 +70,8 @@ class FastDeconv(nn.Conv2d):
         freeze: refresh the statistics only for the first ``freeze_iter + 1`` of every
             ``10·freeze_iter`` training steps and use the running ones otherwise.
         sync: statistics over all processes of the default process group.
+        isqrt_method: ``auto`` | ``iterate`` | ``eigh``: two exact forms of the same Newton–Schulz result
+            (see ``seg.nn.isqrt``); ``auto`` picks the faster for the device.
     """
 
     def __init__(
@@ -90,7 +92,10 @@ class FastDeconv(nn.Conv2d):
         freeze: bool = False,
         freeze_iter: int = 100,
         sync: bool = False,
+        isqrt_method: str = "auto",
     ) -> None:
+        if isqrt_method not in METHODS:
+            raise ValueError(f"isqrt_method must be one of {', '.join(METHODS)}, got {isqrt_method!r}")
         _check_positive("in_channels", in_channels)
         _check_positive("out_channels", out_channels)
         _check_positive("groups", groups)
@@ -120,6 +125,7 @@ class FastDeconv(nn.Conv2d):
         self.freeze = bool(freeze)
         self.freeze_iter = int(freeze_iter)
         self.sync = bool(sync)
+        self.isqrt_method = isqrt_method
         kh, kw = self.kernel_size
         self.num_features = kh * kw * block
         n_mats = groups if groups > 1 else 1
@@ -175,7 +181,7 @@ class FastDeconv(nn.Conv2d):
             second = all_reduce_sum(second)
         eye = torch.eye(self.num_features, dtype=second.dtype, device=second.device)
         cov = second / count + self.eps * eye
-        return mean, isqrt(cov, self.n_iter)
+        return mean, isqrt(cov, self.n_iter, self.isqrt_method)
 
     def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
         with torch.no_grad():

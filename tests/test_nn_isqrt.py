@@ -1,0 +1,50 @@
+"""The eigendecomposition form of Newton–Schulz equals the iterations, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seg.nn.isqrt import isqrt, isqrt_eigh, isqrt_newton_schulz
+
+
+def _spd(d: int, n: int, dtype=torch.float64, seed=0, batch=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, n, d, generator=g, dtype=dtype) * torch.linspace(0.05, 3, d, dtype=dtype)
+    x = x + 0.7
+    return x.transpose(-1, -2) @ x / n + 1e-5 * torch.eye(d, dtype=dtype)
+
+
+@pytest.mark.parametrize("n_iter", [1, 5, 15])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_eigh_form_equals_iterations_float64(n_iter, batch):
+    a = _spd(24, 200, batch=batch, seed=n_iter)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    d1, d2 = isqrt_newton_schulz(a1, n_iter), isqrt_eigh(a2, n_iter)
+    torch.testing.assert_close(d2, d1, rtol=1e-11, atol=1e-12 * d1.abs().max().item())
+    grad = torch.randn_like(d1)  # not symmetric: the gradient must match autograd for any G
+    (g1,) = torch.autograd.grad(d1, a1, grad)
+    (g2,) = torch.autograd.grad(d2, a2, grad)
+    torch.testing.assert_close(g2, g1, rtol=1e-9, atol=1e-11 * g1.abs().max().item())
+
+
+def test_repeated_eigenvalues():
+    a = torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0, 0.5], dtype=torch.float64))
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    grad = torch.randn(5, 5, dtype=torch.float64)
+    (g1,) = torch.autograd.grad(isqrt_newton_schulz(a1, 5), a1, grad)
+    (g2,) = torch.autograd.grad(isqrt_eigh(a2, 5), a2, grad)
+    torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_close_to_float64():
+    a = _spd(64, 500, seed=4)
+    ref = isqrt_newton_schulz(a, 5)
+    for method in ("iterate", "eigh"):
+        out = isqrt(a.float(), 5, method).double()
+        assert ((out - ref).abs().max() / ref.abs().max()) < 1e-4, method
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        isqrt(torch.eye(3), 5, "svd")
