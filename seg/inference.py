@@ -1,0 +1,297 @@
+"""``Predictor``: one way to run a segmentation model for evaluation, images and video.
+
+Normalises, pads to the output stride, runs ``whole`` or ``slide`` (overlapping crops, logits averaged
+over overlaps), optional multi-scale + horizontal-flip test-time augmentation (softmax probabilities
+averaged over views), batches, and returns trainId maps (and probabilities when asked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the device named."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' was requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Rebuild the model from the config stored in a training checkpoint and load its weights.
+
+    Returns ``(model in eval mode, Config)``; ``model.pretrained`` is not read again.
+    """
+    from seg.config import from_dict
+    from seg.models import model_from_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean "not a usable checkpoint"
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from e
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise ValueError(f"{path}: not a training checkpoint (expected a dict with 'model' and 'config')")
+    cfg = from_dict(ckpt["config"], source=f"{path} (stored config)")
+    model = model_from_checkpoint(ckpt)
+    return model.to(device).eval(), cfg
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    if isinstance(output, dict):
+        return output["out"]
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def slide_windows(
+    height: int, width: int, crop: Sequence[int], stride: Sequence[int]
+) -> list[tuple[int, int]]:
+    """Top-left corners of crops covering an image; the last row/column is shifted to end at the border."""
+    ch, cw = min(crop[0], height), min(crop[1], width)
+    sh, sw = stride
+    ys = list(range(0, max(height - ch, 0) + 1, sh))
+    xs = list(range(0, max(width - cw, 0) + 1, sw))
+    if ys[-1] + ch < height:
+        ys.append(height - ch)
+    if xs[-1] + cw < width:
+        xs.append(width - cw)
+    return [(y, x) for y in ys for x in xs]
+
+
+class Predictor:
+    """Runs a segmentation model on normalised tensors or raw RGB images.
+
+    Args:
+        model: returns logits (or a dict with ``'out'``) of shape N,C,H,W for any input size.
+        mean, std: normalisation of RGB values in [0, 1] (from the data config).
+        mode: ``whole`` (one pass per image) or ``slide`` (crops of ``crop_size`` every ``stride``).
+        scales, flip: test-time augmentation; with more than one view, probabilities are averaged.
+        device: ``None`` picks CUDA when available.
+        amp_dtype: autocast dtype on CUDA (e.g. ``torch.bfloat16``), ``None`` for float32.
+        fold: replace deconvolution layers by equivalent plain convolutions (a copy; faster inference).
+        batch_size: images (or crops) per forward pass.
+        pad_multiple: inputs are zero-padded to a multiple of this (the output stride) and cropped back.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mode: str = "whole",
+        crop_size: Sequence[int] = (1024, 1024),
+        stride: Sequence[int] = (768, 768),
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        device: str | torch.device | None = None,
+        amp_dtype: torch.dtype | None = None,
+        fold: bool = False,
+        batch_size: int = 1,
+        pad_multiple: int | None = None,
+    ):
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+        if len(crop_size) != 2 or len(stride) != 2 or min(*crop_size, *stride) < 1:
+            raise ValueError(
+                f"crop_size and stride must be two positive ints (H W), got {crop_size}, {stride}"
+            )
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"scales must be positive numbers, got {scales}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = pick_device(device)
+        model = getattr(model, "module", model)  # DistributedDataParallel: use the wrapped module
+        if fold:
+            from seg.nn import fold_deconv
+
+            model = fold_deconv(copy.deepcopy(model))
+        self.model = model.to(self.device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.mode = mode
+        self.crop_size = tuple(int(v) for v in crop_size)
+        self.stride = tuple(int(v) for v in stride)
+        self.scales = tuple(float(s) for s in scales)
+        self.flip = flip
+        self.amp_dtype = amp_dtype if self.device.type == "cuda" else None
+        self.batch_size = batch_size
+        model_cfg = getattr(model, "config", None)
+        stride = getattr(model, "size_divisor", None) or getattr(model_cfg, "output_stride", None)
+        self.pad_multiple = pad_multiple or stride or 8
+        self.num_classes = getattr(model_cfg, "num_classes", None)
+
+    # ------------------------------------------------------------------------------------------
+    # construction from a checkpoint
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, eval_cfg: Any = None, **kwargs: Any) -> Predictor:
+        """Build from a checkpoint; normalisation comes from its stored data config, the remaining
+        settings from ``eval_cfg`` (an ``EvalConfig``), then from ``kwargs``."""
+        device = pick_device(kwargs.pop("device", None))
+        model, cfg = load_checkpoint_model(path, device)
+        settings: dict[str, Any] = {"mean": cfg.data.mean, "std": cfg.data.std}
+        if eval_cfg is not None:
+            settings.update(
+                mode=eval_cfg.mode,
+                crop_size=eval_cfg.crop_size,
+                stride=eval_cfg.stride,
+                scales=eval_cfg.scales,
+                flip=eval_cfg.flip,
+                batch_size=eval_cfg.batch_size,
+            )
+        settings.update(kwargs)
+        predictor = cls(model, device=device, **settings)
+        predictor.config = cfg
+        return predictor
+
+    # ------------------------------------------------------------------------------------------
+    # tensors in, tensors out
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of any size: pad to the output stride, run in chunks, crop back."""
+        h, w = x.shape[-2:]
+        m = self.pad_multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        outs = []
+        with self._autocast():
+            for chunk in x.split(self.batch_size):
+                outs.append(_logits_of(self.model(chunk)).float())
+        logits = torch.cat(outs)
+        if logits.shape[-2:] != x.shape[-2:]:
+            raise RuntimeError(
+                f"model returned logits of size {tuple(logits.shape[-2:])} for input {tuple(x.shape[-2:])}"
+            )
+        return logits[..., :h, :w]
+
+    def _slide(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        ch, cw = min(self.crop_size[0], h), min(self.crop_size[1], w)
+        windows = slide_windows(h, w, self.crop_size, self.stride)
+        logits = None
+        count = torch.zeros(1, 1, h, w, device=x.device)
+        for i in range(0, len(windows), max(1, self.batch_size // n)):
+            group = windows[i : i + max(1, self.batch_size // n)]
+            crops = torch.cat([x[:, :, y : y + ch, x0 : x0 + cw] for y, x0 in group])
+            out = self._forward(crops)
+            if logits is None:
+                logits = torch.zeros(n, out.shape[1], h, w, device=x.device)
+            for j, (y, x0) in enumerate(group):
+                logits[:, :, y : y + ch, x0 : x0 + cw] += out[j * n : (j + 1) * n]
+                count[:, :, y : y + ch, x0 : x0 + cw] += 1
+        return logits / count
+
+    def _single_view(self, x: torch.Tensor) -> torch.Tensor:
+        return self._slide(x) if self.mode == "slide" else self._forward(x)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores N,C,H,W for normalised images N,3,H,W.
+
+        One view (scale 1, no flip): raw logits. Several views: softmax probabilities averaged over views
+        (each view resized back to H,W).
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a batch of images N,3,H,W, got shape {tuple(x.shape)}")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            x = x.to(self.device, torch.float32)
+            h, w = x.shape[-2:]
+            views = [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+            if views == [(1.0, False)]:
+                return self._single_view(x)
+            total = None
+            for scale, flipped in views:
+                xs = x
+                if scale != 1.0:
+                    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+                    xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                if flipped:
+                    xs = xs.flip(-1)
+                out = self._single_view(xs)
+                if flipped:
+                    out = out.flip(-1)
+                if out.shape[-2:] != (h, w):
+                    out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+                prob = out.softmax(1)
+                total = prob if total is None else total + prob
+            return total / len(views)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def predict_tensor(self, x: torch.Tensor, return_probs: bool = False):
+        """TrainId maps N,H,W (int64) of normalised images; ``return_probs`` adds N,C,H,W probabilities."""
+        scores = self.logits(x)
+        pred = scores.argmax(1)
+        if not return_probs:
+            return pred
+        single = len(self.scales) == 1 and not self.flip and self.scales[0] == 1.0
+        return pred, (scores.softmax(1) if single else scores)
+
+    # ------------------------------------------------------------------------------------------
+    # raw images in, numpy maps out
+
+    def normalize(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB H,W,3 arrays (same size) -> normalised float tensor N,3,H,W on the device."""
+        arrays = []
+        for i, im in enumerate(images):
+            if not isinstance(im, np.ndarray) or im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+                desc = f"{im.dtype} {im.shape}" if isinstance(im, np.ndarray) else type(im).__name__
+                raise ValueError(f"image {i}: expected a uint8 RGB array H,W,3, got {desc}")
+            arrays.append(torch.from_numpy(np.ascontiguousarray(im)))
+        x = torch.stack(arrays).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean) / self.std
+
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray], return_probs: bool = False):
+        """TrainId maps (uint8 H,W) for one RGB image or a list; images of different sizes are run separately.
+
+        With ``return_probs`` returns ``(maps, probs)`` where probs are float32 C,H,W arrays.
+        """
+        single = isinstance(images, np.ndarray) and images.ndim == 3
+        batch = [images] if single else list(images)
+        maps: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
+        probs: list[np.ndarray] = [None] * len(batch)  # type: ignore[list-item]
+        # Group consecutive images of the same size into batches.
+        i = 0
+        while i < len(batch):
+            j = i + 1
+            while j < len(batch) and j - i < self.batch_size and batch[j].shape == batch[i].shape:
+                j += 1
+            x = self.normalize(batch[i:j])
+            if return_probs:
+                pred, prob = self.predict_tensor(x, return_probs=True)
+                for k in range(j - i):
+                    probs[i + k] = prob[k].cpu().numpy()
+            else:
+                pred = self.predict_tensor(x)
+            for k in range(j - i):
+                maps[i + k] = pred[k].to(torch.uint8).cpu().numpy()
+            i = j
+        if single:
+            return (maps[0], probs[0]) if return_probs else maps[0]
+        return (maps, probs) if return_probs else maps

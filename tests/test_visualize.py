@@ -1,0 +1,38 @@
+"""Colour masks use exactly the Cityscapes palette (from cityscapesscripts); overlays blend as stated."""
+
+import numpy as np
+import pytest
+from cityscapesscripts.helpers.labels import trainId2label
+
+from seg.visualize import colorize, overlay, side_by_side
+
+
+def test_colorize_uses_the_cityscapes_palette_and_black_for_ignore():
+    ids = np.array([list(range(19)) + [255]], dtype=np.uint8)
+    color = colorize(ids)
+    assert color.shape == (1, 20, 3) and color.dtype == np.uint8
+    for t in range(19):
+        assert tuple(color[0, t]) == trainId2label[t].color
+    assert tuple(color[0, 19]) == (0, 0, 0)
+    # The set of colours in any mask is a subset of the palette plus black.
+    allowed = {trainId2label[t].color for t in range(19)} | {(0, 0, 0)}
+    rand = np.random.default_rng(0).choice(list(range(19)) + [255], size=(16, 16)).astype(np.int64)
+    assert {tuple(c) for c in colorize(rand).reshape(-1, 3)} <= allowed
+
+
+def test_colorize_rejects_non_trainids():
+    with pytest.raises(ValueError, match="not a trainId"):
+        colorize(np.array([[19]], dtype=np.uint8))
+    with pytest.raises(ValueError, match="H,W"):
+        colorize(np.zeros((2, 2, 3), dtype=np.uint8))
+
+
+def test_overlay_blends_at_the_given_opacity():
+    image = np.full((2, 2, 3), 100, np.uint8)
+    color = np.full((2, 2, 3), 200, np.uint8)
+    assert np.all(overlay(image, color, 0.0) == 100)
+    assert np.all(overlay(image, color, 1.0) == 200)
+    assert np.all(overlay(image, color, 0.25) == 125)
+    with pytest.raises(ValueError):
+        overlay(image, color, 1.5)
+    assert side_by_side(image, color).shape == (2, 4, 3)

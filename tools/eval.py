@@ -1,0 +1,169 @@
+"""Evaluate a checkpoint on a Cityscapes split: mIoU, per-class IoU, pixel and mean accuracy.
+
+    python tools/eval.py CONFIG CHECKPOINT [--split val] [--mode whole|slide] [--crop H W] [--stride H W]
+                         [--scales 0.75 1.0 1.25] [--flip] [--official] [--format-only --out DIR]
+    torchrun --nproc_per_node=N tools/eval.py CONFIG CHECKPOINT ...
+
+CONFIG supplies the data root and evaluation settings; the model is rebuilt from the config stored in
+the checkpoint. Full resolution by default; each image is counted once under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from seg.config import ConfigError, load_config, to_dict
+from seg.data import CityscapesDataset, DatasetError, build_transforms
+from seg.data.labels import CLASS_NAMES, NUM_CLASSES
+from seg.engine.distributed import DistInfo, barrier, finish, init_distributed
+from seg.evaluation import build_eval_loader, evaluate, format_table
+from seg.evaluation.official import (
+    OfficialEvalError,
+    format_official,
+    prediction_path,
+    run_official_eval,
+    save_label_ids,
+)
+from seg.inference import Predictor
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (data root, eval settings)")
+    p.add_argument("checkpoint", help="training checkpoint (.pth); its stored config rebuilds the model")
+    p.add_argument("--split", help="dataset split (default: data.val_split)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: eval.mode)")
+    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="slide crop size")
+    p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="slide stride")
+    p.add_argument("--scales", nargs="+", type=float, help="test-time scales, e.g. 0.75 1.0 1.25")
+    p.add_argument("--flip", action="store_true", default=None, help="add horizontally flipped views")
+    p.add_argument("--batch-size", type=int, help="images (slide: crops) per forward pass")
+    p.add_argument("--num-workers", type=int, help="data loader workers (default: data.num_workers)")
+    p.add_argument("--official", action="store_true", help="also score with cityscapesscripts' evaluator")
+    p.add_argument("--format-only", action="store_true", help="only write labelId PNGs for the test server")
+    p.add_argument(
+        "--reference-compat",
+        action="store_true",
+        default=None,
+        help="the paper's reference scoring: 21 classes with void as class 0, all averaged, short side 520 "
+        "(NOT the Cityscapes benchmark metric)",
+    )
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval_<split>)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
+    p.add_argument("--no-fold", action="store_true", help="keep deconvolution layers unfolded")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, info: DistInfo) -> int:
+    cfg = load_config(args.config, args.opts)
+    chosen = {
+        "mode": args.mode,
+        "crop_size": args.crop,
+        "stride": args.stride,
+        "scales": args.scales,
+        "flip": args.flip,
+        "batch_size": args.batch_size,
+        "reference_compat": args.reference_compat,
+    }
+    eval_cfg = dataclasses.replace(cfg.eval, **{k: v for k, v in chosen.items() if v is not None})
+    split = args.split or cfg.data.val_split
+    if eval_cfg.reference_compat and (args.official or args.format_only):
+        raise ConfigError(
+            "--reference-compat scores at short side 520; it cannot be combined with --official"
+        )
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, eval_cfg=eval_cfg, device=info.device, fold=not args.no_fold
+    )
+    # Normalise exactly as the model was trained; the data root and split come from CONFIG.
+    data_cfg = dataclasses.replace(cfg.data, mean=predictor.config.data.mean, std=predictor.config.data.std)
+    dataset = CityscapesDataset(data_cfg.root, split, transform=build_transforms(data_cfg, train=False))
+    workers = data_cfg.num_workers if args.num_workers is None else args.num_workers
+    loader = build_eval_loader(dataset, batch_size=1, num_workers=workers)
+
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{split}"
+    pred_dir = out_dir / "pred_labelIds"
+    write_pngs = args.official or args.format_only
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if write_pngs and pred_dir.exists():
+            shutil.rmtree(pred_dir)  # predictions of an earlier run must not be scored
+        print(
+            f"evaluating {args.checkpoint} on {data_cfg.root} [{split}]: {len(dataset)} images, "
+            f"mode {eval_cfg.mode}, scales {eval_cfg.scales}, flip {eval_cfg.flip}, "
+            f"{info.world_size} process(es) on {info.device}"
+        )
+    barrier(info)
+
+    def save_batch(indices, pred, _target):
+        for i, p in zip(indices, pred, strict=True):
+            save_label_ids(p.cpu().numpy().astype("uint8"), prediction_path(pred_dir, dataset.files[i][0]))
+
+    start = time.perf_counter()
+    metrics = evaluate(
+        None,
+        loader,
+        info.device,
+        num_classes=NUM_CLASSES,
+        predictor=predictor,
+        reference_compat=eval_cfg.reference_compat,
+        progress=True,
+        on_batch=save_batch if write_pngs else None,
+    )
+    elapsed = time.perf_counter() - start
+    barrier(info)  # every shard's PNGs are written before the official evaluator reads them
+    if not info.is_main:
+        return 0
+
+    report: dict = {
+        "checkpoint": str(args.checkpoint),
+        "split": split,
+        "eval": to_dict(eval_cfg),
+        "seconds": round(elapsed, 2),
+    }
+    if args.format_only:
+        print(
+            f"wrote {metrics['num_images']} labelId PNGs to {pred_dir} (zip this folder for the test server)"
+        )
+        report["predictions"] = str(pred_dir)
+    else:
+        names = CLASS_NAMES if not eval_cfg.reference_compat else ("void", *CLASS_NAMES, "unused")
+        title = (
+            "reference-compatible scores (NOT the Cityscapes benchmark metric)"
+            if eval_cfg.reference_compat
+            else ""
+        )
+        print(format_table(metrics, names, title=title))
+        report["metrics"] = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+        report["metrics"]["class_names"] = list(names)
+        report["confusion_matrix"] = metrics["confusion_matrix"]
+        if args.official:
+            official = run_official_eval(pred_dir, data_cfg.root, split, json_out=out_dir / "official.json")
+            print(format_official(official))
+            report["official"] = official
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(report, indent=2, allow_nan=True))
+    print(f"results written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = init_distributed(args.device)
+    try:
+        code = run(args, info)
+    except (ConfigError, DatasetError, OfficialEvalError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finish(info, code)  # under torchrun: tears the process group down without gloo's exit-time abort
+
+
+if __name__ == "__main__":
+    main()
