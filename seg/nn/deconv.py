@@ -179,8 +179,8 @@ class FastDeconv(nn.Conv2d):
             second = c3.transpose(1, 2) @ c3
         if self.sync and sync_active():
             second = all_reduce_sum(second)
-        eye = torch.eye(self.num_features, dtype=second.dtype, device=second.device)
-        cov = second / count + self.eps * eye
+        cov = second / count
+        cov.diagonal(dim1=-2, dim2=-1).add_(self.eps)
         return mean, isqrt(cov, self.n_iter, self.isqrt_method)
 
     def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:

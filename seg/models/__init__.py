@@ -1,0 +1,18 @@
+"""Segmentation models: DeepLabV3, DeepLabV3+ and FCN on smp encoders, with BatchNorm or deconvolution."""
+
+from seg.models.build import ARCHS, build_model, init_head
+from seg.models.heads import DecoderHead, FCNHead
+from seg.models.segmenter import Segmenter
+from seg.models.weights import load_pretrained, model_from_checkpoint, read_state_dict
+
+__all__ = [
+    "ARCHS",
+    "DecoderHead",
+    "FCNHead",
+    "Segmenter",
+    "build_model",
+    "init_head",
+    "load_pretrained",
+    "model_from_checkpoint",
+    "read_state_dict",
+]
