@@ -86,8 +86,8 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} input={args.batch}xCx{args.size[0]}x{args.size[1]} "
           f"isqrt={args.isqrt_method} torch={torch.__version__}")
-    print(f"| layer | train conv+BN (ms) | train deconv (ms) | train ratio | eval conv+BN (ms) | eval deconv (ms) "
-          f"| eval ratio |\n|---|---|---|---|---|---|---|")
+    print("| layer | train conv+BN (ms) | train deconv (ms) | train ratio | eval conv+BN (ms) | eval deconv (ms) "
+          "| eval ratio |\n|---|---|---|---|---|---|---|")
     for name in args.layers:
         t = bench_layer(LAYERS[name], args.batch, tuple(args.size), device, args.repeats, args.isqrt_method)
         print(f"| {name} | {t['bn_train'] * 1e3:.1f} | {t['dc_train'] * 1e3:.1f} | "

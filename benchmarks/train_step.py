@@ -1,0 +1,236 @@
+"""Whole models, side by side: ``norm: bn`` against ``norm: deconv`` (encoder and heads), train and eval.
+
+    python benchmarks/train_step.py [--device cpu|cuda] [--arch deeplabv3 fcn] [--os 8 16] [--batch 2]
+                                    [--size 128 256] [--threads 2] [--encoder resnet50] [--repeats 3]
+
+For every (architecture, output stride) it builds the BN and the deconvolution model from the same seed and
+prints the median time of
+
+* a training step: forward, cross-entropy, backward, SGD step (bf16 autocast on CUDA);
+* an eval forward under ``no_grad``: BN model; deconvolution model as it is (``FastDeconv`` in eval mode
+  reuses its cached folded weight); deconvolution model after ``seg.nn.fold_deconv`` (plain convs);
+
+each after warm-up, repetitions of BN and deconvolution interleaved (alternating which goes first) so that
+machine noise hits both alike. Peak memory of a training step: on CUDA ``torch.cuda.max_memory_allocated``
+above what the model and optimizer hold before the step; on CPU the peak resident set size (Linux ``VmHWM``, reset after
+the build) of a fresh subprocess that builds one model and runs two training steps, and that peak above the
+resident size just after the build (activations, gradients, optimizer state, allocator slack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Run as a script from the repository root or from benchmarks/: make ``seg`` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seg.config import ModelConfig  # noqa: E402
+from seg.models import build_model  # noqa: E402
+from seg.nn import FastDeconv, fold_deconv  # noqa: E402
+
+NORMS = ("bn", "deconv")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def make_model(arch: str, encoder: str, output_stride: int, norm: str, isqrt_method: str,
+               device: torch.device) -> nn.Module:
+    torch.manual_seed(0)  # both norms start from the same conv weights
+    model = build_model(ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm))
+    if isqrt_method != "auto":
+        for m in model.modules():
+            if isinstance(m, FastDeconv):
+                m.isqrt_method = isqrt_method
+    return model.to(device)
+
+
+class TrainStep:
+    """One SGD training step of a model on a fixed batch (so every repetition does the same work)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, device: torch.device):
+        self.model, self.x, self.target, self.device = model, x, target, device
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+    def __call__(self) -> None:
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = F.cross_entropy(self.model(self.x)["out"], self.target, ignore_index=255)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor, device: torch.device):
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            model(x)
+
+    return run
+
+
+def interleaved(fns: dict[str, object], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per function; each repetition runs all of them, in alternating order."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(repeats):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            times[key].append(timed(fns[key], device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def proc_status_mib(key: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key} line")
+
+
+def memory_probe(spec: dict) -> dict:
+    """In a fresh process: build one model, note the RSS, run two training steps, report the peak RSS.
+
+    The peak is reset after the build (``5`` to /proc/self/clear_refs), so imports and construction,
+    which can exceed a small model's step, do not count.
+    """
+    torch.set_num_threads(spec["threads"])
+    device = torch.device("cpu")
+    model = make_model(spec["arch"], spec["encoder"], spec["os"], spec["norm"], spec["isqrt_method"], device)
+    x, target = batch_of(spec["batch"], spec["size"], device)
+    step = TrainStep(model, x, target, device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = proc_status_mib("VmRSS")
+    step()
+    step()
+    peak = proc_status_mib("VmHWM")
+    return {"peak_mib": peak, "step_mib": peak - base}
+
+
+def cpu_memory(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(spec)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cuda_memory(step: TrainStep, device: torch.device) -> dict:
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mib": peak / 2**20, "step_mib": (peak - base) / 2**20}
+
+
+def batch_of(batch: int, size: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, *size, generator=gen).to(device)
+    target = torch.randint(0, 19, (batch, *size), generator=gen).to(device)
+    return x, target
+
+
+def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    x, target = batch_of(args.batch, args.size, device)
+    models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device) for n in NORMS}
+    steps = {n: TrainStep(models[n], x, target, device) for n in NORMS}
+    t = {f"train_{k}": v for k, v in interleaved(steps, device, args.warmup, args.repeats).items()}
+    mem = {}
+    for n in NORMS:
+        if device.type == "cuda":
+            result = cuda_memory(steps[n], device)
+        elif args.memory:
+            spec = dict(arch=arch, encoder=args.encoder, os=output_stride, norm=n, batch=args.batch,
+                        size=list(args.size), threads=args.threads, isqrt_method=args.isqrt_method)
+            result = cpu_memory(spec)
+        else:
+            continue
+        mem.update({f"{k}_{n}": v for k, v in result.items()})
+    folded = fold_deconv(copy.deepcopy(models["deconv"]))
+    evals = {"eval_bn": eval_forward(models["bn"], x, device),
+             "eval_deconv": eval_forward(models["deconv"], x, device),
+             "eval_folded": eval_forward(folded, x, device)}
+    t.update(interleaved(evals, device, args.warmup, args.repeats))
+    return {**t, **mem}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--arch", nargs="+", default=["deeplabv3", "fcn"],
+                        choices=("deeplabv3", "deeplabv3plus", "fcn"))
+    parser.add_argument("--os", nargs="+", type=int, default=[8, 16], choices=(8, 16), help="output strides")
+    parser.add_argument("--encoder", default="resnet50")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="CPU: skip the peak-memory subprocesses")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device={device} ({name}) encoder={args.encoder} input={args.batch}x3x{args.size[0]}x{args.size[1]} "
+          f"isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} torch={torch.__version__} "
+          f"loadavg={os.getloadavg()[0]:.2f}", flush=True)
+    mem_what = "step peak above model, MiB" if device.type == "cuda" else "peak RSS / above build, MiB"
+    print(f"| model | OS | train BN (s) | train deconv (s) | train ratio | eval BN (s) | eval deconv cached (s) "
+          f"| eval deconv folded (s) | eval ratio cached / folded | memory BN ({mem_what}) | memory deconv "
+          f"| memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for arch in args.arch:
+        for output_stride in args.os:
+            r = bench(arch, output_stride, args, device)
+            row = (f"| {arch} {args.encoder} | {output_stride} | {r['train_bn']:.3f} | {r['train_deconv']:.3f} | "
+                   f"{r['train_deconv'] / r['train_bn']:.2f}x | {r['eval_bn']:.3f} | {r['eval_deconv']:.3f} | "
+                   f"{r['eval_folded']:.3f} | {r['eval_deconv'] / r['eval_bn']:.2f}x / "
+                   f"{r['eval_folded'] / r['eval_bn']:.2f}x | ")
+            if "peak_mib_bn" in r:
+                row += (f"{r['peak_mib_bn']:.0f} / {r['step_mib_bn']:.0f} | "
+                        f"{r['peak_mib_deconv']:.0f} / {r['step_mib_deconv']:.0f} | "
+                        f"{r['peak_mib_deconv'] / r['peak_mib_bn']:.2f}x / "
+                        f"{r['step_mib_deconv'] / r['step_mib_bn']:.2f}x |")
+            else:
+                row += "- | - | - |"
+            print(row, flush=True)
+    print(f"loadavg at end={os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

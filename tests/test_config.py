@@ -1,0 +1,130 @@
+"""Config files, base inheritance, overrides and their errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from seg.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_paper_recipe() -> None:
+    cfg = load_config(CONFIGS / "deeplab_deconv.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.arch, m.encoder, m.output_stride, m.norm, m.pretrained) == ("deeplabv3", "resnet50", 8, "deconv", None)
+    assert (t.lr, t.momentum, t.weight_decay, t.poly_power, t.batch_size) == (0.1, 0.9, 1e-4, 0.9, 8)
+    assert t.iterations == 30 * math.ceil(2975 / 8)
+    assert (t.ignore_index, cfg.data.root) == (255, "datasets/cityscapes")
+
+
+def test_base_inheritance_changes_only_what_it_names() -> None:
+    base = to_dict(load_config(CONFIGS / "deeplab_deconv.yaml"))
+    fcn_bn = to_dict(load_config(CONFIGS / "fcn_bn.yaml"))
+    assert (fcn_bn["model"]["arch"], fcn_bn["model"]["norm"]) == ("fcn", "bn")
+    fcn_bn["model"]["arch"], fcn_bn["model"]["norm"] = base["model"]["arch"], base["model"]["norm"]
+    assert fcn_bn == base
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        [
+            "train.lr=0.5",
+            "data.crop_size=[32,64]",
+            "train.grad_clip=null",
+            "model.encoder=resnet34",
+            "model.deconv.block=8",
+        ],
+    )
+    assert (cfg.train.lr, cfg.data.crop_size, cfg.train.grad_clip) == (0.5, [32, 64], None)
+    assert (cfg.model.encoder, cfg.model.deconv.block) == ("resnet34", 8)
+    assert isinstance(load_config(CONFIGS / "demo.yaml", ["train.lr=1"]).train.lr, float)
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_file_and_valid_keys(tmp_path: Path) -> None:
+    path = _write(tmp_path, "bad.yaml", "train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "train.learning_rate" in msg and str(path) in msg and "lr" in msg and "weight_decay" in msg
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path: Path) -> None:
+    _write(tmp_path, "base.yaml", "model:\n  backbone: resnet50\n")
+    child = _write(tmp_path, "child.yaml", "base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml.*model\.backbone"):
+        load_config(child)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("train:\n  iterations: 1.5\n", "train.iterations"),
+        ("model:\n  aux_loss: 1\n", "model.aux_loss"),
+        ("data:\n  crop_size: 512\n", "data.crop_size"),
+        ("model: resnet\n", "model"),
+        ("model:\n  norm: gn\n", "model.norm"),
+    ],
+)
+def test_wrong_type_or_value_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
+    path = _write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert key in str(e.value) and str(path) in str(e.value)
+
+
+def test_two_levels_of_base_are_rejected(tmp_path: Path) -> None:
+    _write(tmp_path, "a.yaml", "train:\n  lr: 0.1\n")
+    _write(tmp_path, "b.yaml", "base: a.yaml\n")
+    c = _write(tmp_path, "c.yaml", "base: b.yaml\n")
+    with pytest.raises(ConfigError, match="one level"):
+        load_config(c)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=0.1", "train.lrr"),
+        ("trian.lr=0.1", "trian"),
+        ("train.lr", "KEY=VALUE"),
+        ("train.lr=abc", "train.lr"),
+        ("model.output_stride=4", "model.output_stride"),
+        ("=3", "empty key"),
+    ],
+)
+def test_bad_overrides(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "demo.yaml", [override])
+    assert fragment in str(e.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_plain_data_survives_weights_only_load(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "deeplab_deconv.yaml")
+    torch.save({"config": to_dict(cfg)}, tmp_path / "c.pth")
+    loaded = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert from_dict(loaded["config"]) == cfg
+    assert load_config(_write(tmp_path, "dumped.yaml", dump_yaml(cfg))) == cfg

@@ -1,0 +1,180 @@
+"""tools/train.py as a user runs it: torchrun with two gloo processes, SIGTERM, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from seg.engine import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_opts(root: Path, *extra: str) -> list[str]:
+    return [
+        "--opts",
+        f"data.root={root}",
+        "data.crop_size=[32,64]",
+        "data.num_workers=0",
+        "model.deconv.block=8",
+        "train.batch_size=1",
+        "train.iterations=3",
+        "train.log_interval=1",
+        "train.val_interval=100",
+        "train.checkpoint_interval=100",
+        "eval.batch_size=1",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _records(work_dir: Path, event: str) -> list[dict]:
+    path = work_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
+
+
+def test_two_process_torchrun_ends_with_identical_weights(synthetic_root: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "tools/train.py",
+        "configs/demo.yaml",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--work-dir",
+        str(tmp_path),
+        *tiny_opts(synthetic_root),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 per process x 2 processes = 2 effective" in proc.stdout
+    final = _records(tmp_path, "final")
+    assert len(final) == 1 and len(final[0]["fingerprints"]) == 2
+    assert final[0]["fingerprints"][0] == final[0]["fingerprints"][1]
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert ckpt["iteration"] == 3 and ckpt["config"]["model"]["deconv"]["sync"] is True
+    assert len(ckpt["rng"]) == 2  # each rank's random streams, for an exact resume
+    assert [v["iteration"] for v in _records(tmp_path, "val")] == [3]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_root: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "tools/train.py",
+        "configs/demo.yaml",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--work-dir",
+        str(tmp_path),
+        *tiny_opts(synthetic_root, "train.iterations=100000"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not _records(tmp_path, "train") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err and "stopped by SIGTERM" in out
+    ckpt = load_checkpoint(tmp_path / "last.pth")
+    assert 1 <= ckpt["iteration"] < 100000
+
+
+def test_config_error_exits_2_naming_the_key() -> None:
+    # Every kind of config error is covered in-process by tests/test_config.py; this checks the exit path.
+    proc = subprocess.run(
+        [sys.executable, "tools/train.py", "configs/demo.yaml", "--opts", "train.lrr=0.1"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "train.lrr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_message(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/train.py",
+            "configs/demo.yaml",
+            "--device",
+            "cpu",
+            "--work-dir",
+            str(tmp_path / "run"),
+            "--opts",
+            f"data.root={tmp_path / 'nowhere'}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "make demo" in proc.stderr and "nowhere" in proc.stderr
+
+
+def _train_workers(pid: int) -> list[int]:
+    """Child processes of ``pid`` running tools/train.py (torchrun's workers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if b"train.py" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_dead_worker_and_resumes(synthetic_root: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "tools/train.py",
+        "configs/demo.yaml",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--work-dir",
+        str(tmp_path),
+        *tiny_opts(synthetic_root, "train.iterations=12", "train.checkpoint_interval=1"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "last.pth").is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        workers = _train_workers(proc.pid)
+        assert proc.poll() is None and workers, "training ended before a worker could be killed"
+        os.kill(workers[-1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 12

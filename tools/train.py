@@ -1,0 +1,93 @@
+"""Train a segmentation model from a YAML config, in one process or under torchrun.
+
+    python tools/train.py configs/demo.yaml
+    python tools/train.py configs/deeplab_deconv.yaml --opts train.lr=0.05 data.num_workers=8
+    torchrun --standalone --nproc_per_node=4 tools/train.py configs/deeplab_deconv.yaml
+    python tools/train.py configs/deeplab_deconv.yaml --resume            # latest checkpoint of the run folder
+
+Exit codes: 0 finished, 1 error (NaN loss, bad data, ...), 2 bad config/arguments,
+128 + signal number when stopped by SIGINT/SIGTERM (a checkpoint was saved first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from seg.config import ConfigError, dump_yaml, load_config
+from seg.engine import (
+    DataRootError,
+    NonFiniteLossError,
+    elastic_restart_count,
+    finish,
+    init_distributed,
+    latest_checkpoint,
+    train,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config, e.g. configs/deeplab_deconv.yaml")
+    p.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. train.lr=0.05 model.encoder=resnet101",
+    )
+    p.add_argument("--work-dir", help="run folder (default: the config's work_dir, else work_dirs/<config name>)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT, or without a path from the run folder's last.pth",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.opts)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    work_dir = Path(args.work_dir or cfg.work_dir or Path("work_dirs") / Path(args.config).stem)
+
+    info = init_distributed(args.device)
+    resume = args.resume
+    if resume is None and elastic_restart_count() > 0 and latest_checkpoint(work_dir) is not None:
+        # torchrun --max-restarts restarted the workers after a failure: continue where the last save was.
+        resume = True
+    if info.is_main:
+        print(dump_yaml(cfg), flush=True)
+
+    code = 0
+    try:
+        result = train(cfg, info, work_dir, resume=resume, show_progress=not args.no_progress)
+        if result.status == "interrupted":
+            import signal
+
+            code = 128 + int(getattr(signal, result.signal_name or "SIGTERM", signal.SIGTERM))
+        elif info.is_main:
+            miou = "n/a" if result.best_miou is None else f"{100 * result.best_miou:.2f}"
+            print(f"done: {result.iteration} iterations, best val mIoU {miou}; checkpoints in {work_dir}")
+    except (DataRootError, NonFiniteLossError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finish(info, code)  # under torchrun: destroy the group and os._exit, never a gloo abort at shutdown
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
