@@ -87,7 +87,7 @@ def main() -> int:
         cv2.imwrite(str(mask_dir / f"{stem}_overlay.png"), overlay(image, color, 0.5)[:, :, ::-1])
 
     # 5. the synthetic video, colored by tools/infer.py
-    video_out = None
+    video_out, video_failed = None, False
     infer = REPO / "tools" / "infer.py"
     video = root / VIDEO_NAME
     if infer.is_file() and video.is_file():
@@ -103,9 +103,7 @@ def main() -> int:
             "--device",
             "cpu",
         ]
-        if subprocess.run(cmd, cwd=REPO).returncode != 0:
-            print("warning: video inference failed (see above); the rest of the demo is done", file=sys.stderr)
-            video_out = None
+        video_failed = subprocess.run(cmd, cwd=REPO).returncode != 0
 
     print("\n" + "=" * 72)
     print(f"demo finished in {time.time() - t0:.0f} s (training {t_train:.0f} s)")
@@ -115,9 +113,12 @@ def main() -> int:
     )
     print(f"run folder:   {work_dir}  (checkpoints, config.yaml, TensorBoard: tensorboard --logdir {work_dir})")
     print(f"masks:        {mask_dir}")
-    if video_out is not None:
+    if video_out is not None and not video_failed:
         print(f"video:        {video_out}")
     print(f"dataset:      {root}")
+    if video_failed:
+        print(f"error: video inference of {video} failed (see above); everything else is done", file=sys.stderr)
+        return 1
     return 0
 
 
