@@ -1,11 +1,11 @@
-"""The eigendecomposition form of Newton–Schulz equals the iterations, forward and backward."""
+"""The eigendecomposition and the fewer-products forms of Newton–Schulz equal the plain iterations, forward and backward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from seg.nn.isqrt import isqrt, isqrt_eigh, isqrt_newton_schulz
+from seg.nn.isqrt import isqrt, isqrt_eigh, isqrt_newton_schulz, isqrt_newton_schulz_fast
 
 
 def _spd(d: int, n: int, dtype=torch.float64, seed=0, batch=()):
@@ -23,6 +23,19 @@ def test_eigh_form_equals_iterations_float64(n_iter, batch):
     d1, d2 = isqrt_newton_schulz(a1, n_iter), isqrt_eigh(a2, n_iter)
     torch.testing.assert_close(d2, d1, rtol=1e-11, atol=1e-12 * d1.abs().max().item())
     grad = torch.randn_like(d1)  # not symmetric: the gradient must match autograd for any G
+    (g1,) = torch.autograd.grad(d1, a1, grad)
+    (g2,) = torch.autograd.grad(d2, a2, grad)
+    torch.testing.assert_close(g2, g1, rtol=1e-9, atol=1e-11 * g1.abs().max().item())
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 5, 15])
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_fast_iterations_equal_plain_iterations(n_iter, batch):
+    a = _spd(24, 200, batch=batch, seed=10 + n_iter)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    d1, d2 = isqrt_newton_schulz(a1, n_iter), isqrt_newton_schulz_fast(a2, n_iter)
+    torch.testing.assert_close(d2, d1, rtol=1e-11, atol=1e-12 * d1.abs().max().item())
+    grad = torch.randn_like(d1)
     (g1,) = torch.autograd.grad(d1, a1, grad)
     (g2,) = torch.autograd.grad(d2, a2, grad)
     torch.testing.assert_close(g2, g1, rtol=1e-9, atol=1e-11 * g1.abs().max().item())

@@ -204,10 +204,12 @@ class FastDeconv(nn.Conv2d):
         out_c, nf = self.out_channels, self.num_features
         if self.groups == 1:
             per_row = self.in_channels // self.block
-            # Same interleaving as the samples: (out, k²·B, C/B) -> rows of k²·B features.
-            wg = w.reshape(out_c, nf, per_row).transpose(1, 2).reshape(-1, nf) @ deconv[0]
-            shift = (wg @ mean[0]).view(out_c, per_row).sum(1)
-            wf = wg.view(out_c, per_row, nf).transpose(1, 2).reshape(self.weight.shape)
+            # Same interleaving as the samples: each output's weight is (k²·B, C/B), whose columns are the
+            # interleaved groups; D acts on the k²·B axis. Dᵀ·W3 in this layout needs no transposed copies
+            # of the weight (less memory, and faster for the large heads).
+            wf3 = torch.matmul(deconv[0].t(), w.reshape(out_c, nf, per_row))
+            shift = wf3.sum(2) @ mean[0]
+            wf = wf3.reshape(self.weight.shape)
         else:
             wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv
             shift = (wg @ mean.unsqueeze(-1)).reshape(out_c)

@@ -2,7 +2,8 @@
 
 Two exact forms of the same function:
 
-* ``iterate``: the matrix iterations, differentiated by autograd (fast on GPUs, where matmuls are cheap).
+* ``iterate``: the matrix iterations, differentiated by autograd (fast on GPUs, where matmuls are cheap),
+  in a form with a fifth fewer products (:func:`isqrt_newton_schulz_fast`).
 * ``eigh``: every iterate is a polynomial in ``B = A/‖A‖_F``, so ``D = q(B)/√‖A‖_F`` where ``q`` is the scalar
   Newton–Schulz recursion applied to each eigenvalue of ``B``. One ``eigh`` gives the forward pass; the
   backward pass uses the Daleckii–Krein formula with divided differences of ``q`` (in float64, derivatives
@@ -31,6 +32,27 @@ def isqrt_newton_schulz(a: torch.Tensor, n_iter: int) -> torch.Tensor:
         t = 0.5 * (3.0 * eye - z @ y)
         y = y @ t
         z = t @ z
+    return z / norm.sqrt()
+
+
+def isqrt_newton_schulz_fast(a: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """:func:`isqrt_newton_schulz` with 3·(n_iter − 1) matrix products instead of 3·n_iter.
+
+    All iterates are polynomials in ``B = A/‖A‖_F`` and commute, so with ``P = ZY``: ``T = ½(3I − P)``,
+    ``P ← T·P·T`` and ``Z ← T·Z``; the first step needs no product (``P₀ = B``, ``Z₁ = T₀``) and the last
+    needs no ``P``. The same function in exact arithmetic (tests compare values and gradients with the
+    plain form); its backward pass is correspondingly cheaper.
+    """
+    norm = torch.linalg.matrix_norm(a, keepdim=True)
+    p = a / norm
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    z: torch.Tensor | None = None
+    for k in range(n_iter):
+        t = 0.5 * (3.0 * eye - p)
+        z = t if z is None else t @ z
+        if k < n_iter - 1:
+            p = t @ p @ t
+    assert z is not None  # n_iter >= 1
     return z / norm.sqrt()
 
 
@@ -109,5 +131,5 @@ def isqrt(a: torch.Tensor, n_iter: int, method: str = "auto") -> torch.Tensor:
     if method == "eigh":
         return isqrt_eigh(a, n_iter)
     if method == "iterate":
-        return isqrt_newton_schulz(a, n_iter)
+        return isqrt_newton_schulz_fast(a, n_iter)
     raise ValueError(f"isqrt method must be one of {', '.join(METHODS)}, got {method!r}")
