@@ -57,9 +57,11 @@ def timed(fn, device: torch.device) -> float:
 
 
 def make_model(arch: str, encoder: str, output_stride: int, norm: str, isqrt_method: str,
-               device: torch.device) -> nn.Module:
+               device: torch.device, stats_every: int = 1) -> nn.Module:
     torch.manual_seed(0)  # both norms start from the same conv weights
-    model = build_model(ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm))
+    cfg = ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm)
+    cfg.deconv.stats_every = stats_every
+    model = build_model(cfg)
     if isqrt_method != "auto":
         for m in model.modules():
             if isinstance(m, FastDeconv):
@@ -161,8 +163,15 @@ def batch_of(batch: int, size: list[int], device: torch.device) -> tuple[torch.T
 def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     x, target = batch_of(args.batch, args.size, device)
     models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device) for n in NORMS}
-    steps = {n: TrainStep(models[n], x, target, device) for n in NORMS}
+    steps: dict[str, object] = {n: TrainStep(models[n], x, target, device) for n in NORMS}
+    for k in args.stats_every:
+        # The option's cost is the mean over one refresh cycle: k consecutive steps, timed together.
+        variant = TrainStep(make_model(arch, args.encoder, output_stride, "deconv", args.isqrt_method, device, k),
+                            x, target, device)
+        steps[f"deconv_every{k}"] = lambda variant=variant, k=k: [variant() for _ in range(k)]
     t = {f"train_{k}": v for k, v in interleaved(steps, device, args.warmup, args.repeats).items()}
+    for k in args.stats_every:
+        t[f"train_deconv_every{k}"] /= k
     mem = {}
     for n in NORMS:
         if device.type == "cuda":
@@ -195,6 +204,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
+    parser.add_argument("--stats-every", nargs="*", type=int, default=[], metavar="K",
+                        help="also time model.deconv.stats_every=K (a speed option that changes the mathematics)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="CPU: skip the peak-memory subprocesses")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -214,9 +225,11 @@ def main() -> None:
     print(f"| model | OS | train BN (s) | train deconv (s) | train ratio | eval BN (s) | eval deconv cached (s) "
           f"| eval deconv folded (s) | eval ratio cached / folded | memory BN ({mem_what}) | memory deconv "
           f"| memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    variants = []
     for arch in args.arch:
         for output_stride in args.os:
             r = bench(arch, output_stride, args, device)
+            variants += [(arch, output_stride, k, r[f"train_deconv_every{k}"], r["train_bn"]) for k in args.stats_every]
             row = (f"| {arch} {args.encoder} | {output_stride} | {r['train_bn']:.3f} | {r['train_deconv']:.3f} | "
                    f"{r['train_deconv'] / r['train_bn']:.2f}x | {r['eval_bn']:.3f} | {r['eval_deconv']:.3f} | "
                    f"{r['eval_folded']:.3f} | {r['eval_deconv'] / r['eval_bn']:.2f}x / "
@@ -229,6 +242,11 @@ def main() -> None:
             else:
                 row += "- | - | - |"
             print(row, flush=True)
+    if variants:
+        print("\n| model | OS | deconv.stats_every | train deconv (s per step, mean over a cycle) "
+              "| train ratio to BN |\n|---|---|---|---|---|")
+        for arch, output_stride, k, sec, bn in variants:
+            print(f"| {arch} {args.encoder} | {output_stride} | {k} | {sec:.3f} | {sec / bn:.2f}x |")
     print(f"loadavg at end={os.getloadavg()[0]:.2f}")
 
 

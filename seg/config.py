@@ -43,6 +43,15 @@ class DeconvConfig:
     sync: bool = False
     # Deconvolve the final 1x1 classifier too (the reference heads do).
     classifier: bool = True
+    # Speed option that changes the mathematics (1 = off, the reference operator): recompute the whitening
+    # of every non-stem layer only every k training steps and reuse it, without gradient, in between.
+    stats_every: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("block", "sampling_stride", "n_iter", "stem_n_iter", "stem_freeze_iter", "stats_every"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"key 'model.deconv.{key}' must be >= 1, got {value}")
 
 
 @dataclass

@@ -152,6 +152,17 @@ def test_config_recorded_and_deconv_settings_applied() -> None:
     body = layers["encoder.layer1.0.conv1"]
     assert (body.block, body.n_iter, body.eps, body.sampling_stride, body.freeze) == (8, 3, 1e-3, 2, False)
     assert not any(m.sync for m in layers.values())
+    assert all(m.stats_every == 1 for m in layers.values())
+
+
+def test_stats_every_option_reaches_every_layer_but_the_stem() -> None:
+    model = build_model(make_cfg(arch="fcn", output_stride=16, deconv=DeconvConfig(block=16, stats_every=4)))
+    layers = convs(model)
+    assert layers["encoder.conv1"].stats_every == 1
+    assert all(m.stats_every == 4 for n, m in layers.items() if n != "encoder.conv1")
+    model(torch.randn(1, 3, 64, 64)).get("out").sum().backward()
+    with pytest.raises(ConfigError, match="model.deconv.stats_every"):
+        DeconvConfig(stats_every=0)
 
 
 def test_classifier_can_stay_plain() -> None:

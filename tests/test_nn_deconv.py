@@ -427,3 +427,54 @@ def test_delinear_matches_linear_on_whitened_input():
     torch.testing.assert_close(y, white @ layer.weight.t() + layer.bias)
     with pytest.raises(ValueError, match="12 input features"):
         layer(torch.randn(3, 10, dtype=torch.float64))
+
+
+def _pair_of_layers(stats_every: int) -> tuple[FastDeconv, FastDeconv]:
+    torch.manual_seed(0)
+    fresh = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1).double()
+    reuse = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1, stats_every=stats_every).double()
+    reuse.load_state_dict(fresh.state_dict(), strict=False)
+    return fresh, reuse
+
+
+def test_stats_every_reuses_the_last_statistics_without_gradient():
+    fresh, reuse = _pair_of_layers(3)
+    xs = [torch.randn(2, 16, 10, 12, dtype=torch.float64) * (i + 1) + i for i in range(4)]
+    # Step 0 refreshes: the reference operator.
+    torch.testing.assert_close(reuse(xs[0]), fresh(xs[0]))
+    with torch.no_grad():
+        kept = fresh._batch_statistics(xs[0])
+        w, b = reuse._fold(*kept)
+    # Steps 1 and 2 reuse step 0's statistics; the input gets no gradient through them.
+    for x in xs[1:3]:
+        x = x.clone().requires_grad_()
+        out = reuse(x)
+        torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1))
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        expected = torch.nn.grad.conv2d_input(x.shape, w, torch.ones_like(out), padding=1)
+        torch.testing.assert_close(gx, expected)
+    # The running statistics saw one batch only.
+    once = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1).double()
+    once(xs[0])
+    torch.testing.assert_close(reuse.running_mean, once.running_mean)
+    torch.testing.assert_close(reuse.running_deconv, once.running_deconv)
+    # Step 3 refreshes again.
+    torch.testing.assert_close(reuse(xs[3]), fresh(xs[3]))
+
+
+def test_stats_every_resumes_mid_cycle():
+    _, layer = _pair_of_layers(4)
+    x1, x2 = torch.randn(2, 2, 16, 10, 12, dtype=torch.float64)
+    layer(x1)
+    copy_ = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1, stats_every=4).double()
+    copy_.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(copy_(x2), layer(x2))
+    assert int(copy_.stats_step) == int(layer.stats_step) == 2
+
+
+def test_stats_every_one_keeps_the_state_dict_of_the_reference_layout():
+    keys = set(FastDeconv(16, 8, 3).state_dict())
+    assert keys == {"weight", "bias", "running_mean", "running_deconv", "counter"}
+    assert {"stats_step", "last_mean", "last_deconv"} <= set(FastDeconv(16, 8, 3, stats_every=2).state_dict())
+    with pytest.raises(ValueError, match="stats_every"):
+        FastDeconv(16, 8, 3, stats_every=0)

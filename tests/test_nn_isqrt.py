@@ -1,4 +1,4 @@
-"""The eigendecomposition and the fewer-products forms of Newton–Schulz equal the plain iterations, forward and backward."""
+"""The eigendecomposition and fewer-products forms of Newton–Schulz equal the plain iterations (values, gradients)."""
 
 from __future__ import annotations
 

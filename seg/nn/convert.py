@@ -83,14 +83,16 @@ def deconvolve(
     stem_freeze: bool = True,
     stem_freeze_iter: int = 100,
     sync: bool = False,
+    stats_every: int = 1,
     exclude: Iterable[str] = (),
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` by a ``FastDeconv`` and every BatchNorm by ``nn.Identity``.
 
     Weights (and biases; a zero bias where there was none) carry over. The layer taking the 3-channel
-    image gets ``stem_n_iter`` and the periodic freeze. Modules whose qualified name matches a pattern in
-    ``exclude`` are left alone. Returns the converted module (a new object when ``module`` itself is a conv);
-    its ``deconv_report`` attribute says what changed, and the summary is logged.
+    image gets ``stem_n_iter`` and the periodic freeze; the others get ``stats_every``. Modules whose
+    qualified name matches a pattern in ``exclude`` are left alone. Returns the converted module (a new
+    object when ``module`` itself is a conv); its ``deconv_report`` attribute says what changed, and the
+    summary is logged.
     """
     exclude = tuple(exclude)
     common = dict(block=block, sampling_stride=sampling_stride, eps=eps, momentum=momentum, sync=sync)
@@ -102,7 +104,8 @@ def deconvolve(
         if _plain_conv(child):
             stem = child.in_channels == IMAGE_CHANNELS
             settings = dict(common, n_iter=stem_n_iter if stem else n_iter,
-                            freeze=stem_freeze if stem else False, freeze_iter=stem_freeze_iter)
+                            freeze=stem_freeze if stem else False, freeze_iter=stem_freeze_iter,
+                            stats_every=1 if stem else stats_every)
             report.converted.append(name)
             if stem:
                 report.stems.append(name)

@@ -70,6 +70,10 @@ class FastDeconv(nn.Conv2d):
         freeze: refresh the statistics only for the first ``freeze_iter + 1`` of every
             ``10·freeze_iter`` training steps and use the running ones otherwise.
         sync: statistics over all processes of the default process group.
+        stats_every: recompute the batch statistics only every ``stats_every`` training steps and reuse
+            the last ones in between, as constants (no sampling, covariance, inverse square root or
+            gradient through them). 1 (the default) is the reference operator; larger values change the
+            mathematics for speed (see ``benchmarks/README.md`` for its cost and its effect on mIoU).
         isqrt_method: ``auto`` | ``iterate`` | ``eigh``: two exact forms of the same Newton–Schulz result
             (see ``seg.nn.isqrt``); ``auto`` picks the faster for the device.
     """
@@ -93,6 +97,7 @@ class FastDeconv(nn.Conv2d):
         freeze_iter: int = 100,
         sync: bool = False,
         isqrt_method: str = "auto",
+        stats_every: int = 1,
     ) -> None:
         if isqrt_method not in METHODS:
             raise ValueError(f"isqrt_method must be one of {', '.join(METHODS)}, got {isqrt_method!r}")
@@ -104,6 +109,7 @@ class FastDeconv(nn.Conv2d):
         _check_momentum(momentum)
         _check_positive("sampling_stride", sampling_stride)
         _check_positive("freeze_iter", freeze_iter)
+        _check_positive("stats_every", stats_every)
         kernel = _pair(kernel_size, "kernel_size")
         dil = _pair(dilation, "dilation")
         if isinstance(padding, str):
@@ -134,11 +140,19 @@ class FastDeconv(nn.Conv2d):
         self.register_buffer("running_deconv", eye.repeat(groups, 1, 1) if groups > 1 else eye)
         # A buffer (not a Python int) so that it survives state_dict round trips and resume.
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
+        self.stats_every = int(stats_every)
+        if self.stats_every > 1:
+            # The statistics reused between refreshes, and the step count that schedules the refreshes;
+            # buffers, so that a resumed run continues exactly (only present when the option is on).
+            self.register_buffer("stats_step", torch.zeros((), dtype=torch.long))
+            self.register_buffer("last_mean", self.running_mean.clone())
+            self.register_buffer("last_deconv", self.running_deconv.clone())
         self._fold_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", block={self.block}, n_iter={self.n_iter}, eps={self.eps}, "
-                f"sampling_stride={self.sampling_stride}, freeze={self.freeze}, sync={self.sync}")
+                f"sampling_stride={self.sampling_stride}, freeze={self.freeze}, sync={self.sync}"
+                + (f", stats_every={self.stats_every}" if self.stats_every > 1 else ""))
 
     # -- statistics ---------------------------------------------------------------------------
 
@@ -195,6 +209,25 @@ class FastDeconv(nn.Conv2d):
         return (self.running_mean.view(g, self.num_features),
                 self.running_deconv.view(g, self.num_features, self.num_features))
 
+    def _reused_statistics(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With ``stats_every > 1``: the last batch statistics on steps between refreshes, else None."""
+        if self.stats_every == 1:
+            return None
+        step = int(self.stats_step)
+        with torch.no_grad():
+            self.stats_step.add_(1).remainder_(self.stats_every)
+        if step == 0:
+            return None
+        g = self.groups if self.groups > 1 else 1
+        return (self.last_mean.view(g, self.num_features),
+                self.last_deconv.view(g, self.num_features, self.num_features))
+
+    def _keep_statistics(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
+        if self.stats_every > 1:
+            with torch.no_grad():
+                self.last_mean.copy_(mean.detach().reshape(self.last_mean.shape))
+                self.last_deconv.copy_(deconv.detach().reshape(self.last_deconv.shape))
+
     # -- folding ------------------------------------------------------------------------------
 
     def _fold(self, mean: torch.Tensor, deconv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,12 +237,12 @@ class FastDeconv(nn.Conv2d):
         out_c, nf = self.out_channels, self.num_features
         if self.groups == 1:
             per_row = self.in_channels // self.block
-            # Same interleaving as the samples: each output's weight is (k²·B, C/B), whose columns are the
-            # interleaved groups; D acts on the k²·B axis. Dᵀ·W3 in this layout needs no transposed copies
-            # of the weight (less memory, and faster for the large heads).
-            wf3 = torch.matmul(deconv[0].t(), w.reshape(out_c, nf, per_row))
-            shift = wf3.sum(2) @ mean[0]
-            wf = wf3.reshape(self.weight.shape)
+            # Same interleaving as the samples: (out, k²·B, C/B) -> rows of k²·B features. One 2-D matmul
+            # with D on the right: torch.matmul's broadcast form (Dᵀ·W3) expands D per output channel
+            # when D needs no gradient (frozen or reused statistics), several times slower.
+            wg = w.reshape(out_c, nf, per_row).transpose(1, 2).reshape(-1, nf) @ deconv[0]
+            shift = (wg @ mean[0]).view(out_c, per_row).sum(1)
+            wf = wg.view(out_c, per_row, nf).transpose(1, 2).reshape(self.weight.shape)
         else:
             wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv
             shift = (wg @ mean.unsqueeze(-1)).reshape(out_c)
@@ -263,12 +296,16 @@ class FastDeconv(nn.Conv2d):
         with torch.no_grad():
             self.counter.add_(1).remainder_(10 * self.freeze_iter)
         with torch.autocast(x.device.type, enabled=False):
+            reused = None if frozen else self._reused_statistics()
             if frozen:
                 mean, deconv = self._running()
+            elif reused is not None:
+                mean, deconv = reused
             else:
                 xs = x.to(_stats_dtype(x.dtype))
                 mean, deconv = self._batch_statistics(xs)
                 self._update_running(mean, deconv)
+                self._keep_statistics(mean, deconv)
             w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
         w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
