@@ -478,3 +478,12 @@ def test_stats_every_one_keeps_the_state_dict_of_the_reference_layout():
     assert {"stats_step", "last_mean", "last_deconv"} <= set(FastDeconv(16, 8, 3, stats_every=2).state_dict())
     with pytest.raises(ValueError, match="stats_every"):
         FastDeconv(16, 8, 3, stats_every=0)
+
+
+@pytest.mark.parametrize("in_channels,block", [(16, 16), (32, 16)])
+def test_weight_gradient_is_contiguous(in_channels, block):
+    # DDP's gradient buckets expect the parameter's own layout; odd strides make it warn and copy.
+    layer = FastDeconv(in_channels, 19, 1, block=block)
+    layer(torch.randn(2, in_channels, 8, 8)).sum().backward()
+    assert layer.weight.grad.is_contiguous()
+    assert layer.weight.grad.stride() == layer.weight.stride()

@@ -240,6 +240,11 @@ class FastDeconv(nn.Conv2d):
             # Same interleaving as the samples: (out, k²·B, C/B) -> rows of k²·B features. One 2-D matmul
             # with D on the right: torch.matmul's broadcast form (Dᵀ·W3) expands D per output channel
             # when D needs no gradient (frozen or reused statistics), several times slower.
+            if per_row == 1:
+                # No interleaving; transposing a size-1 axis would give the weight's gradient odd strides
+                # (DDP then warns and copies every step).
+                wg = w.reshape(out_c, nf) @ deconv[0]
+                return self._with_bias(wg.reshape(self.weight.shape), wg @ mean[0])
             wg = w.reshape(out_c, nf, per_row).transpose(1, 2).reshape(-1, nf) @ deconv[0]
             shift = (wg @ mean[0]).view(out_c, per_row).sum(1)
             wf = wg.view(out_c, per_row, nf).transpose(1, 2).reshape(self.weight.shape)
@@ -247,7 +252,10 @@ class FastDeconv(nn.Conv2d):
             wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv
             shift = (wg @ mean.unsqueeze(-1)).reshape(out_c)
             wf = wg.reshape(self.weight.shape)
-        bias = -shift if self.bias is None else self.bias.to(dtype) - shift
+        return self._with_bias(wf, shift)
+
+    def _with_bias(self, wf: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bias = -shift if self.bias is None else self.bias.to(shift.dtype) - shift
         return wf, bias
 
     def _cache_key(self) -> tuple:
