@@ -437,22 +437,28 @@ def _pair_of_layers(stats_every: int) -> tuple[FastDeconv, FastDeconv]:
     return fresh, reuse
 
 
-def test_stats_every_reuses_the_last_statistics_without_gradient():
+def test_stats_every_keeps_the_matrix_and_rescales_it_to_each_batch():
     fresh, reuse = _pair_of_layers(3)
     xs = [torch.randn(2, 16, 10, 12, dtype=torch.float64) * (i + 1) + i for i in range(4)]
     # Step 0 refreshes: the reference operator.
     torch.testing.assert_close(reuse(xs[0]), fresh(xs[0]))
     with torch.no_grad():
-        kept = fresh._batch_statistics(xs[0])
-        w, b = reuse._fold(*kept)
-    # Steps 1 and 2 reuse step 0's statistics; the input gets no gradient through them.
+        _, cov0 = fresh._moments(xs[0], full=True)
+        d0 = fresh._batch_statistics(xs[0])[1]
+    scale0 = cov0.diagonal(dim1=-2, dim2=-1).mean()
+    # Steps 1 and 2 keep step 0's matrix, rescaled to the batch's mean variance, with the batch's mean;
+    # gradients flow through that mean and variance only.
     for x in xs[1:3]:
-        x = x.clone().requires_grad_()
-        out = reuse(x)
-        torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1))
-        (gx,) = torch.autograd.grad(out.sum(), x)
-        expected = torch.nn.grad.conv2d_input(x.shape, w, torch.ones_like(out), padding=1)
-        torch.testing.assert_close(gx, expected)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = reuse(x1)
+        samples = fresh._samples(x2)[:, 0]
+        mean = samples.mean(0)
+        var = (samples - mean).pow(2).mean() + fresh.eps
+        w, b = fresh._fold(mean[None], d0 * (scale0 / var).sqrt())
+        expected = F.conv2d(x2, w, b, padding=1)
+        torch.testing.assert_close(out, expected)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, x1, g)[0], torch.autograd.grad(expected, x2, g)[0])
     # The running statistics saw one batch only.
     once = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1).double()
     once(xs[0])
@@ -475,7 +481,7 @@ def test_stats_every_resumes_mid_cycle():
 def test_stats_every_one_keeps_the_state_dict_of_the_reference_layout():
     keys = set(FastDeconv(16, 8, 3).state_dict())
     assert keys == {"weight", "bias", "running_mean", "running_deconv", "counter"}
-    assert {"stats_step", "last_mean", "last_deconv"} <= set(FastDeconv(16, 8, 3, stats_every=2).state_dict())
+    assert {"stats_step", "last_scale", "last_deconv"} <= set(FastDeconv(16, 8, 3, stats_every=2).state_dict())
     with pytest.raises(ValueError, match="stats_every"):
         FastDeconv(16, 8, 3, stats_every=0)
 

@@ -70,10 +70,11 @@ class FastDeconv(nn.Conv2d):
         freeze: refresh the statistics only for the first ``freeze_iter + 1`` of every
             ``10·freeze_iter`` training steps and use the running ones otherwise.
         sync: statistics over all processes of the default process group.
-        stats_every: recompute the batch statistics only every ``stats_every`` training steps and reuse
-            the last ones in between, as constants (no sampling, covariance, inverse square root or
-            gradient through them). 1 (the default) is the reference operator; larger values change the
-            mathematics for speed (see ``benchmarks/README.md`` for its cost and its effect on mIoU).
+        stats_every: compute the whitening matrix only every ``stats_every`` training steps; in between,
+            keep it (as a constant) and only rescale it to the batch's mean variance, with the batch's
+            mean (both cheap, with gradient) — no covariance, no inverse square root. 1 (the default) is
+            the reference operator; larger values change the mathematics for speed (see
+            ``benchmarks/README.md`` for the cost and the effect on mIoU).
         isqrt_method: ``auto`` | ``iterate`` | ``eigh``: two exact forms of the same Newton–Schulz result
             (see ``seg.nn.isqrt``); ``auto`` picks the faster for the device.
     """
@@ -142,11 +143,12 @@ class FastDeconv(nn.Conv2d):
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
         self.stats_every = int(stats_every)
         if self.stats_every > 1:
-            # The statistics reused between refreshes, and the step count that schedules the refreshes;
-            # buffers, so that a resumed run continues exactly (only present when the option is on).
+            # The whitening reused between refreshes, the mean variance it was computed at, and the step
+            # count that schedules the refreshes; buffers, so that a resumed run continues exactly (only
+            # present when the option is on).
             self.register_buffer("stats_step", torch.zeros((), dtype=torch.long))
-            self.register_buffer("last_mean", self.running_mean.clone())
             self.register_buffer("last_deconv", self.running_deconv.clone())
+            self.register_buffer("last_scale", torch.ones(n_mats))
         self._fold_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
@@ -175,6 +177,24 @@ class FastDeconv(nn.Conv2d):
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch."""
+        mean, cov = self._moments(x, full=True)
+        deconv = isqrt(cov, self.n_iter, self.isqrt_method)
+        if self.stats_every > 1:
+            with torch.no_grad():
+                self.last_deconv.copy_(deconv.detach().reshape(self.last_deconv.shape))
+                self.last_scale.copy_(cov.detach().diagonal(dim1=-2, dim2=-1).mean(-1))
+        return mean, deconv
+
+    def _rescaled_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Between refreshes: this batch's mean, and the kept whitening rescaled to this batch's variance."""
+        mean, var = self._moments(x, full=False)
+        g = self.last_scale.shape[0]
+        deconv = self.last_deconv.view(g, self.num_features, self.num_features)
+        return mean, deconv * (self.last_scale / var).sqrt().view(g, 1, 1)
+
+    def _moments(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(G, nf)`` and either the covariance ``(G, nf, nf)`` (``full``) or its mean diagonal ``(G,)``,
+        both with ``eps`` added, over all processes when ``sync`` is on."""
         samples = self._samples(x)
         count = torch.tensor(float(samples.shape[0]), dtype=samples.dtype, device=samples.device)
         total = samples.sum(0)
@@ -185,6 +205,12 @@ class FastDeconv(nn.Conv2d):
             raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
         mean = total / count
         centred = samples - mean
+        if not full:
+            # The mean variance only: O(M·nf) instead of the covariance's O(M·nf²).
+            sq = centred.pow(2).sum((0, 2))
+            if self.sync and sync_active():
+                sq = all_reduce_sum(sq)
+            return mean, sq / (count * self.num_features) + self.eps
         if centred.shape[1] == 1:
             c2 = centred[:, 0]
             second = (c2.t() @ c2).unsqueeze(0)
@@ -195,7 +221,7 @@ class FastDeconv(nn.Conv2d):
             second = all_reduce_sum(second)
         cov = second / count
         cov.diagonal(dim1=-2, dim2=-1).add_(self.eps)
-        return mean, isqrt(cov, self.n_iter, self.isqrt_method)
+        return mean, cov
 
     def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
         with torch.no_grad():
@@ -209,24 +235,14 @@ class FastDeconv(nn.Conv2d):
         return (self.running_mean.view(g, self.num_features),
                 self.running_deconv.view(g, self.num_features, self.num_features))
 
-    def _reused_statistics(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """With ``stats_every > 1``: the last batch statistics on steps between refreshes, else None."""
+    def _refresh_due(self) -> bool:
+        """Whether this training step computes the full statistics (always, unless ``stats_every > 1``)."""
         if self.stats_every == 1:
-            return None
+            return True
         step = int(self.stats_step)
         with torch.no_grad():
             self.stats_step.add_(1).remainder_(self.stats_every)
-        if step == 0:
-            return None
-        g = self.groups if self.groups > 1 else 1
-        return (self.last_mean.view(g, self.num_features),
-                self.last_deconv.view(g, self.num_features, self.num_features))
-
-    def _keep_statistics(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
-        if self.stats_every > 1:
-            with torch.no_grad():
-                self.last_mean.copy_(mean.detach().reshape(self.last_mean.shape))
-                self.last_deconv.copy_(deconv.detach().reshape(self.last_deconv.shape))
+        return step == 0
 
     # -- folding ------------------------------------------------------------------------------
 
@@ -304,16 +320,13 @@ class FastDeconv(nn.Conv2d):
         with torch.no_grad():
             self.counter.add_(1).remainder_(10 * self.freeze_iter)
         with torch.autocast(x.device.type, enabled=False):
-            reused = None if frozen else self._reused_statistics()
             if frozen:
                 mean, deconv = self._running()
-            elif reused is not None:
-                mean, deconv = reused
-            else:
-                xs = x.to(_stats_dtype(x.dtype))
-                mean, deconv = self._batch_statistics(xs)
+            elif self._refresh_due():
+                mean, deconv = self._batch_statistics(x.to(_stats_dtype(x.dtype)))
                 self._update_running(mean, deconv)
-                self._keep_statistics(mean, deconv)
+            else:
+                mean, deconv = self._rescaled_statistics(x.to(_stats_dtype(x.dtype)))
             w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
         w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
