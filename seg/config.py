@@ -43,8 +43,9 @@ class DeconvConfig:
     sync: bool = False
     # Deconvolve the final 1x1 classifier too (the reference heads do).
     classifier: bool = True
-    # Speed option that changes the mathematics (1 = off, the reference operator): recompute the whitening
-    # of every non-stem layer only every k training steps and reuse it, without gradient, in between.
+    # Speed option that changes the mathematics (1 = off, the reference operator): every non-stem layer
+    # computes its whitening matrix only every k training steps; in between it keeps the matrix, rescaled
+    # to the batch's mean variance, with the batch's mean (see benchmarks/README.md for cost and mIoU).
     stats_every: int = 1
 
     def __post_init__(self) -> None:

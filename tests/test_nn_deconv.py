@@ -448,22 +448,26 @@ def test_stats_every_keeps_the_matrix_and_rescales_it_to_each_batch():
     scale0 = cov0.diagonal(dim1=-2, dim2=-1).mean()
     # Steps 1 and 2 keep step 0's matrix, rescaled to the batch's mean variance, with the batch's mean;
     # gradients flow through that mean and variance only.
+    once = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1).double()
+    once(xs[0])
+    running_mean, running_deconv = once.running_mean.clone(), once.running_deconv.clone()
     for x in xs[1:3]:
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         out = reuse(x1)
         samples = fresh._samples(x2)[:, 0]
         mean = samples.mean(0)
         var = (samples - mean).pow(2).mean() + fresh.eps
-        w, b = fresh._fold(mean[None], d0 * (scale0 / var).sqrt())
+        deconv = d0 * (scale0 / var).sqrt()
+        w, b = fresh._fold(mean[None], deconv)
         expected = F.conv2d(x2, w, b, padding=1)
         torch.testing.assert_close(out, expected)
         g = torch.randn_like(out)
         torch.testing.assert_close(torch.autograd.grad(out, x1, g)[0], torch.autograd.grad(expected, x2, g)[0])
-    # The running statistics saw one batch only.
-    once = FastDeconv(16, 8, 3, padding=1, block=8, sampling_stride=1).double()
-    once(xs[0])
-    torch.testing.assert_close(reuse.running_mean, once.running_mean)
-    torch.testing.assert_close(reuse.running_deconv, once.running_deconv)
+        # The running statistics follow what the step used.
+        running_mean = 0.9 * running_mean + 0.1 * mean.detach()
+        running_deconv = 0.9 * running_deconv + 0.1 * deconv.detach()[0]
+        torch.testing.assert_close(reuse.running_mean, running_mean)
+        torch.testing.assert_close(reuse.running_deconv, running_deconv)
     # Step 3 refreshes again.
     torch.testing.assert_close(reuse(xs[3]), fresh(xs[3]))
 

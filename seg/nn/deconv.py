@@ -327,6 +327,8 @@ class FastDeconv(nn.Conv2d):
                 self._update_running(mean, deconv)
             else:
                 mean, deconv = self._rescaled_statistics(x.to(_stats_dtype(x.dtype)))
+                # Eval should follow the weights at the pace of training, not only of the refreshes.
+                self._update_running(mean, deconv)
             w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
         w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
