@@ -10,7 +10,6 @@ for a few val images and, when tools/infer.py is present, a colored version of t
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -46,10 +45,6 @@ def main() -> int:
         cfg.data.root = str(root)
     work_dir: Path = args.work_dir
     t0 = time.time()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Leave a core to the data-loading worker: on a 2-core machine two compute threads plus a busy
-        # worker oversubscribe the CPU, and OpenMP threads then spend their time waiting for each other.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
 
     # 1. data
     if not (root / "leftImg8bit" / cfg.data.val_split).is_dir():
