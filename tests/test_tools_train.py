@@ -34,6 +34,16 @@ def tiny_opts(root: Path, *extra: str) -> list[str]:
     ]
 
 
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train_cmd(work_dir: Path, root: Path, *extra: str, launcher: list[str] | None = None) -> list[str]:
+    """tools/train.py on the demo config with tiny settings, optionally under a torchrun launcher."""
+    prefix = launcher or [sys.executable]
+    return [*prefix, "tools/train.py", "configs/demo.yaml", "--device", "cpu", "--no-progress",
+            "--work-dir", str(work_dir), *tiny_opts(root, *extra)]
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -48,21 +58,7 @@ def _records(work_dir: Path, event: str) -> list[dict]:
 
 
 def test_two_process_torchrun_ends_with_identical_weights(synthetic_root: Path, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "tools/train.py",
-        "configs/demo.yaml",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--work-dir",
-        str(tmp_path),
-        *tiny_opts(synthetic_root),
-    ]
+    cmd = train_cmd(tmp_path, synthetic_root, launcher=TORCHRUN_2)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 per process x 2 processes = 2 effective" in proc.stdout
@@ -76,17 +72,7 @@ def test_two_process_torchrun_ends_with_identical_weights(synthetic_root: Path, 
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_root: Path, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "tools/train.py",
-        "configs/demo.yaml",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--work-dir",
-        str(tmp_path),
-        *tiny_opts(synthetic_root, "train.iterations=100000"),
-    ]
+    cmd = train_cmd(tmp_path, synthetic_root, "train.iterations=100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -147,22 +133,8 @@ def _train_workers(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_dead_worker_and_resumes(synthetic_root: Path, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--max-restarts=1",
-        "tools/train.py",
-        "configs/demo.yaml",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--work-dir",
-        str(tmp_path),
-        *tiny_opts(synthetic_root, "train.iterations=12", "train.checkpoint_interval=1"),
-    ]
+    cmd = train_cmd(tmp_path, synthetic_root, "train.iterations=12", "train.checkpoint_interval=1",
+                    launcher=[*TORCHRUN_2, "--max-restarts=1"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
