@@ -9,11 +9,10 @@ measured in the same run, interleaving the two so that machine noise hits both a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn as nn
+from common import interleaved, select_device  # (benchmarks/common.py)
 
 from seg.nn import FastDeconv
 
@@ -25,19 +24,6 @@ LAYERS = {
     "1x1 256->1024": (256, 1024, 1, 1, 0),
     "stem 7x7/2 3->64": (3, 64, 7, 2, 3),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def bench_layer(spec, batch: int, size: tuple[int, int], device: torch.device, repeats: int, method: str):
@@ -61,20 +47,14 @@ def bench_layer(spec, batch: int, size: tuple[int, int], device: torch.device, r
                 module(x)
         return run
 
-    times = {key: [] for key in ("bn_train", "dc_train", "bn_eval", "dc_eval")}
     steps = {"bn_train": train_step(conv_bn), "dc_train": train_step(deconv),
              "bn_eval": eval_step(conv_bn), "dc_eval": eval_step(deconv)}
-    for fn in steps.values():  # warm-up (and the eval fold cache)
-        fn()
-    for _ in range(repeats):
-        for key, fn in steps.items():
-            times[key].append(_time(fn, device))
-    return {key: statistics.median(v) for key, v in times.items()}
+    return interleaved(steps, device, warmup=1, repeats=repeats)  # one warm-up (and the eval fold cache)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, nargs=2, default=(64, 128), metavar=("H", "W"))
@@ -82,8 +62,7 @@ def main() -> None:
     parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
     parser.add_argument("--layers", nargs="*", default=list(LAYERS), help="subset of: " + ", ".join(LAYERS))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, _ = select_device(parser, args.device, args.threads)
     print(f"device={device} threads={torch.get_num_threads()} input={args.batch}xCx{args.size[0]}x{args.size[1]} "
           f"isqrt={args.isqrt_method} torch={torch.__version__}")
     print("| layer | train conv+BN (ms) | train deconv (ms) | train ratio | eval conv+BN (ms) | eval deconv (ms) "

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import interleaved, select_device  # noqa: E402  (benchmarks/common.py)
+
 from seg.config import ModelConfig  # noqa: E402
 from seg.inference import Predictor  # noqa: E402
 from seg.models import build_model  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -42,11 +37,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--frames", type=int, default=2, help="timed frames per model")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    device, name = select_device(parser, args.device, args.threads)
     print(f"device={device} ({name}) encoder={args.encoder} frame=1x3x{args.size[0]}x{args.size[1]} "
           f"warmup={args.warmup} frames={args.frames} torch={torch.__version__} loadavg={os.getloadavg()[0]:.2f}")
     print("| model | OS | BN (FPS) | deconv folded (FPS) | deconv/BN time |\n|---|---|---|---|---|", flush=True)
@@ -61,16 +52,9 @@ def main() -> None:
                                                 norm=norm)).eval()
                 predictors[norm] = Predictor(model, mode="whole", device=device, amp_dtype=amp,
                                              fold=norm == "deconv")
-            times: dict[str, list[float]] = {n: [] for n in predictors}
-            for i in range(args.warmup + args.frames):
-                for norm in (("bn", "deconv") if i % 2 == 0 else ("deconv", "bn")):
-                    sync(device)
-                    start = time.perf_counter()
-                    predictors[norm].predict_tensor(frame)
-                    sync(device)
-                    if i >= args.warmup:
-                        times[norm].append(time.perf_counter() - start)
-            bn, dc = statistics.median(times["bn"]), statistics.median(times["deconv"])
+            fns = {norm: (lambda p=p: p.predict_tensor(frame)) for norm, p in predictors.items()}
+            t = interleaved(fns, device, args.warmup, args.frames)
+            bn, dc = t["bn"], t["deconv"]
             print(f"| {arch} {args.encoder} | {output_stride} | {1 / bn:.3f} | {1 / dc:.3f} | {dc / bn:.2f}x |",
                   flush=True)
             del predictors

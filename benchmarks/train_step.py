@@ -23,10 +23,8 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,24 +34,13 @@ import torch.nn.functional as F
 # Run as a script from the repository root or from benchmarks/: make ``seg`` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import interleaved, select_device, sync  # noqa: E402  (benchmarks/common.py)
+
 from seg.config import ModelConfig  # noqa: E402
 from seg.models import build_model  # noqa: E402
 from seg.nn import FastDeconv, fold_deconv  # noqa: E402
 
 NORMS = ("bn", "deconv")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def make_model(arch: str, encoder: str, output_stride: int, norm: str, isqrt_method: str,
@@ -93,19 +80,6 @@ def eval_forward(model: nn.Module, x: torch.Tensor, device: torch.device):
             model(x)
 
     return run
-
-
-def interleaved(fns: dict[str, object], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per function; each repetition runs all of them, in alternating order."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(repeats):
-        for key in keys if r % 2 == 0 else keys[::-1]:
-            times[key].append(timed(fns[key], device))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def proc_status_mib(key: str) -> float:
@@ -213,11 +187,7 @@ def main() -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    device, name = select_device(parser, args.device, args.threads)
     print(f"device={device} ({name}) encoder={args.encoder} input={args.batch}x3x{args.size[0]}x{args.size[1]} "
           f"isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} torch={torch.__version__} "
           f"loadavg={os.getloadavg()[0]:.2f}", flush=True)
