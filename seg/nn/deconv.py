@@ -176,7 +176,8 @@ class FastDeconv(nn.Conv2d):
         return rows.reshape(-1, self.groups, nf)
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch."""
+        """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch; with ``stats_every > 1``
+        also keeps the matrix and its scale for the rescaled steps that follow."""
         mean, cov = self._moments(x, full=True)
         deconv = isqrt(cov, self.n_iter, self.isqrt_method)
         if self.stats_every > 1:
@@ -322,12 +323,11 @@ class FastDeconv(nn.Conv2d):
         with torch.autocast(x.device.type, enabled=False):
             if frozen:
                 mean, deconv = self._running()
-            elif self._refresh_due():
-                mean, deconv = self._batch_statistics(x.to(_stats_dtype(x.dtype)))
-                self._update_running(mean, deconv)
             else:
-                mean, deconv = self._rescaled_statistics(x.to(_stats_dtype(x.dtype)))
-                # Eval should follow the weights at the pace of training, not only of the refreshes.
+                xs = x.to(_stats_dtype(x.dtype))
+                refresh = self._refresh_due()
+                mean, deconv = self._batch_statistics(xs) if refresh else self._rescaled_statistics(xs)
+                # Rescaled steps update them too: eval follows the weights at the pace of training.
                 self._update_running(mean, deconv)
             w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
         w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
