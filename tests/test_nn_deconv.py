@@ -462,7 +462,9 @@ def test_stats_every_keeps_the_matrix_and_rescales_it_to_each_batch():
         expected = F.conv2d(x2, w, b, padding=1)
         torch.testing.assert_close(out, expected)
         g = torch.randn_like(out)
-        torch.testing.assert_close(torch.autograd.grad(out, x1, g)[0], torch.autograd.grad(expected, x2, g)[0])
+        for got, want in zip(torch.autograd.grad(out, [x1, reuse.weight, reuse.bias], g),
+                             torch.autograd.grad(expected, [x2, fresh.weight, fresh.bias], g)):
+            torch.testing.assert_close(got, want)
         # The running statistics follow what the step used.
         running_mean = 0.9 * running_mean + 0.1 * mean.detach()
         running_deconv = 0.9 * running_deconv + 0.1 * deconv.detach()[0]
@@ -497,3 +499,81 @@ def test_weight_gradient_is_contiguous(in_channels, block):
     layer(torch.randn(2, in_channels, 8, 8)).sum().backward()
     assert layer.weight.grad.is_contiguous()
     assert layer.weight.grad.stride() == layer.weight.stride()
+
+
+def _plain_fold(w, deconv, mean, per_row):
+    """``W·D`` and ``Σ W·D·μ`` written directly: every interleaved group of columns times the same D."""
+    out, nf = w.shape[0], deconv.shape[0]
+    w3 = w.reshape(out, nf, per_row)
+    folded = torch.einsum("ofr,fg->ogr", w3, deconv)
+    shift = torch.einsum("ogr,g->o", folded, mean)
+    return folded.reshape(w.shape), shift
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True),
+                                   (True, True, False)])
+@pytest.mark.parametrize("per_row", [1, 3])
+def test_interleaved_fold_matches_plain_form(per_row, needs):
+    from seg.nn.deconv import _InterleavedFold
+
+    torch.manual_seed(0)
+    nf = 4 * 9
+    w = torch.randn(5, nf * per_row // 9, 3, 3, dtype=torch.float64)
+    a = torch.randn(nf, nf, dtype=torch.float64)
+    inputs = [w, a @ a.t() / nf, torch.randn(nf, dtype=torch.float64)]
+    ours = [t.clone().requires_grad_(n) for t, n in zip(inputs, needs)]
+    plain = [t.clone().requires_grad_(n) for t, n in zip(inputs, needs)]
+    wf1, s1 = _InterleavedFold.apply(*ours, per_row)
+    wf2, s2 = _plain_fold(*plain, per_row)
+    torch.testing.assert_close(wf1, wf2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s1, s2, rtol=1e-12, atol=1e-12)
+    assert wf1.is_contiguous() and wf1.shape == w.shape
+    g_w, g_s = torch.randn_like(wf1), torch.randn_like(s1)
+    ((wf1 * g_w).sum() + (s1 * g_s).sum()).backward()
+    ((wf2 * g_w).sum() + (s2 * g_s).sum()).backward()
+    for t1, t2, n in zip(ours, plain, needs):
+        if n:
+            torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-10, atol=1e-12)
+    # Each output alone (the other's gradient absent) is handled too.
+    torch.autograd.gradcheck(lambda *t: _InterleavedFold.apply(*t, per_row)[0],
+                             [t.clone().requires_grad_(True) for t in inputs])
+    torch.autograd.gradcheck(lambda *t: _InterleavedFold.apply(*t, per_row)[1],
+                             [t.clone().requires_grad_(True) for t in inputs])
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 7, 5)])
+def test_gram_matches_autograd(shape):
+    from seg.nn.deconv import _Gram
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g1, g2 = _Gram.apply(x1), x2.mT @ x2
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(g1)  # not symmetric: the backward must not assume it is
+    g1.backward(grad)
+    g2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(_Gram.apply, [x.clone().requires_grad_()])
+
+
+@pytest.mark.parametrize("name", ["3x3", "1x1", "grouped", "depthwise"])
+def test_stats_every_scaled_fold_equals_fold_of_the_scaled_matrix(name):
+    # Rescaled steps multiply the folded weight by s instead of D: same values, same gradients.
+    g = GEOMETRIES[name]
+    torch.manual_seed(0)
+    layer = FastDeconv(g["c"], g["out"], g["k"], g["stride"], g["padding"], g["dilation"], g["groups"],
+                       block=g["block"], stats_every=2).double()
+    layer(torch.randn(2, g["c"], *g["hw"], dtype=torch.float64))  # refresh step
+    x = torch.randn(2, g["c"], *g["hw"], dtype=torch.float64) * 3 + 1
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(x1)  # rescaled step
+    mean, deconv, scale = layer._rescaled_statistics(x2)
+    w, b = layer._fold(mean, deconv * scale.view(-1, 1, 1))
+    expected = F.conv2d(x2, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x1, layer.weight, layer.bias], grad)
+    want = torch.autograd.grad(expected, [x2, layer.weight, layer.bias], grad)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)

@@ -57,6 +57,91 @@ def resolve_block(block: int, in_channels: int, groups: int = 1) -> int:
     return block
 
 
+class _Gram(torch.autograd.Function):
+    """``XᵀX`` of ``(..., M, n)`` samples, with one product in the backward pass instead of autograd's two.
+
+    Autograd sees ``Xᵀ`` and ``X`` as two operands and computes ``G·Xᵀ``-like products for each; the gradient
+    of ``XᵀX`` is ``X·(G + Gᵀ)``, one ``M×n×n`` product (the covariance's backward halves).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.mT @ x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return x @ (grad + grad.mT)
+
+
+class _InterleavedFold(torch.autograd.Function):
+    """``W·D`` and ``Σ W·D·μ`` for a conv weight whose input rows hold ``per_row`` interleaved feature groups.
+
+    The weight ``(out, C·k²)`` is viewed as ``(out, nf, per_row)``: column ``f·per_row + r`` is feature ``f`` of
+    group ``r``, and every group is multiplied by the same ``D (nf, nf)``. Autograd through the plain form keeps
+    two weight-sized intermediates per layer until the backward pass (the interleaved weight for ``∂D`` and
+    ``W·D`` for ``∂μ``), on top of the folded weight the conv keeps; over a ResNet-50 that is hundreds of MB.
+    This Function keeps only its inputs and recomputes the interleaved weight in the backward pass (a copy).
+    Same products, same result as the plain form.
+    """
+
+    @staticmethod
+    def _interleave(t: torch.Tensor, nf: int, per_row: int) -> torch.Tensor:
+        """``(out, nf·per_row, ...)`` conv layout -> ``(out·per_row, nf)`` rows, one per (channel, group)."""
+        out = t.shape[0]
+        if per_row == 1:
+            return t.reshape(out, nf)
+        return t.reshape(out, nf, per_row).transpose(1, 2).reshape(out * per_row, nf)
+
+    @staticmethod
+    def _deinterleave(rows: torch.Tensor, shape: torch.Size, nf: int, per_row: int) -> torch.Tensor:
+        out = shape[0]
+        if per_row == 1:
+            return rows.reshape(shape)
+        # contiguous(): for some shapes the reshape is a strided view, and the weight's gradient must keep
+        # the parameter's layout (DDP buckets).
+        return rows.view(out, per_row, nf).transpose(1, 2).reshape(shape).contiguous()
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, deconv: torch.Tensor, mean: torch.Tensor,
+                per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nf = deconv.shape[0]
+        rows = _InterleavedFold._interleave(weight, nf, per_row) @ deconv
+        shift = (rows @ mean).view(weight.shape[0], per_row).sum(1)
+        ctx.save_for_backward(weight, deconv, mean)
+        ctx.per_row = per_row
+        return _InterleavedFold._deinterleave(rows, weight.shape, nf, per_row), shift
+
+    @staticmethod
+    def backward(ctx: Any, grad_folded: torch.Tensor | None,
+                 grad_shift: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        weight, deconv, mean = ctx.saved_tensors
+        per_row, nf = ctx.per_row, deconv.shape[0]
+        out = weight.shape[0]
+        # The gradient with respect to the folded rows R = W_rows·D: from the conv weight, plus the rank-one
+        # term of shift_o = Σ_r R[o, r]·μ.
+        if grad_folded is None:
+            grad_rows = torch.zeros(out * per_row, nf, dtype=deconv.dtype, device=deconv.device)
+        else:
+            grad_rows = _InterleavedFold._interleave(grad_folded, nf, per_row)
+        shift_rows = None
+        if grad_shift is not None:
+            shift_rows = grad_shift.repeat_interleave(per_row)
+            grad_rows = grad_rows.addr(shift_rows, mean)
+        grad_weight = grad_deconv = grad_mean = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = _InterleavedFold._deinterleave(grad_rows @ deconv.t(), weight.shape, nf, per_row)
+        if ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and shift_rows is not None):
+            w_rows = _InterleavedFold._interleave(weight, nf, per_row)
+            if ctx.needs_input_grad[1]:
+                grad_deconv = w_rows.t() @ grad_rows
+            if ctx.needs_input_grad[2] and shift_rows is not None:
+                # ∂shift/∂μ = Σ_o g_o Σ_r R[o, r] = (gᵀ·W_rows)·D: two vector products, not another W·D.
+                grad_mean = (shift_rows @ w_rows) @ deconv
+        return grad_weight, grad_deconv, grad_mean, None
+
+
 class FastDeconv(nn.Conv2d):
     """A ``Conv2d`` that deconvolves (whitens) its input, in place of Conv2d + BatchNorm.
 
@@ -186,12 +271,12 @@ class FastDeconv(nn.Conv2d):
                 self.last_scale.copy_(cov.detach().diagonal(dim1=-2, dim2=-1).mean(-1))
         return mean, deconv
 
-    def _rescaled_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Between refreshes: this batch's mean, and the kept whitening rescaled to this batch's variance."""
+    def _rescaled_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Between refreshes: this batch's mean, the kept whitening (a constant) and the factor ``(G,)`` that
+        rescales it to this batch's variance."""
         mean, var = self._moments(x, full=False)
         g = self.last_scale.shape[0]
-        deconv = self.last_deconv.view(g, self.num_features, self.num_features)
-        return mean, deconv * (self.last_scale / var).sqrt().view(g, 1, 1)
+        return mean, self.last_deconv.view(g, self.num_features, self.num_features), (self.last_scale / var).sqrt()
 
     def _moments(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(G, nf)`` and either the covariance ``(G, nf, nf)`` (``full``) or its mean diagonal ``(G,)``,
@@ -212,12 +297,8 @@ class FastDeconv(nn.Conv2d):
             if self.sync and sync_active():
                 sq = all_reduce_sum(sq)
             return mean, sq / (count * self.num_features) + self.eps
-        if centred.shape[1] == 1:
-            c2 = centred[:, 0]
-            second = (c2.t() @ c2).unsqueeze(0)
-        else:
-            c3 = centred.transpose(0, 1)
-            second = c3.transpose(1, 2) @ c3
+        second = _Gram.apply(centred[:, 0]).unsqueeze(0) if centred.shape[1] == 1 \
+            else _Gram.apply(centred.transpose(0, 1))
         if self.sync and sync_active():
             second = all_reduce_sum(second)
         cov = second / count
@@ -247,28 +328,25 @@ class FastDeconv(nn.Conv2d):
 
     # -- folding ------------------------------------------------------------------------------
 
-    def _fold(self, mean: torch.Tensor, deconv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight ``W·D`` and bias ``b − Σ W·D·μ`` for means ``(G, nf)`` and matrices ``(G, nf, nf)``."""
+    def _fold(self, mean: torch.Tensor, deconv: torch.Tensor,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight ``W·D`` and bias ``b − Σ W·D·μ`` for means ``(G, nf)`` and matrices ``(G, nf, nf)``; with a
+        per-matrix ``scale (G,)``, of ``D·scale``."""
         dtype = deconv.dtype
         w = self.weight.to(dtype)
         out_c, nf = self.out_channels, self.num_features
         if self.groups == 1:
-            per_row = self.in_channels // self.block
-            # Same interleaving as the samples: (out, k²·B, C/B) -> rows of k²·B features. One 2-D matmul
-            # with D on the right: torch.matmul's broadcast form (Dᵀ·W3) expands D per output channel
-            # when D needs no gradient (frozen or reused statistics), several times slower.
-            if per_row == 1:
-                # No interleaving; transposing a size-1 axis would give the weight's gradient odd strides
-                # (DDP then warns and copies every step).
-                wg = w.reshape(out_c, nf) @ deconv[0]
-                return self._with_bias(wg.reshape(self.weight.shape), wg @ mean[0])
-            wg = w.reshape(out_c, nf, per_row).transpose(1, 2).reshape(-1, nf) @ deconv[0]
-            shift = (wg @ mean[0]).view(out_c, per_row).sum(1)
-            wf = wg.view(out_c, per_row, nf).transpose(1, 2).reshape(self.weight.shape)
+            wf, shift = _InterleavedFold.apply(w, deconv[0], mean[0], self.in_channels // self.block)
         else:
+            # Grouped convs: one matrix per conv group, no interleaving.
             wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv
-            shift = (wg @ mean.unsqueeze(-1)).reshape(out_c)
-            wf = wg.reshape(self.weight.shape)
+            wf, shift = wg.reshape(self.weight.shape), (wg @ mean.unsqueeze(-1)).reshape(out_c)
+        if scale is not None:
+            # W·(D·s) = (W·D)·s: scaling the folded weight, not D, keeps D out of the backward pass (a
+            # constant D needs no W_rowsᵀ·∂R product; the gradient of s is an elementwise sum).
+            per_channel = scale.repeat_interleave(out_c // scale.shape[0])
+            wf = wf * per_channel.view(-1, 1, 1, 1)
+            shift = shift * per_channel
         return self._with_bias(wf, shift)
 
     def _with_bias(self, wf: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,15 +399,21 @@ class FastDeconv(nn.Conv2d):
         with torch.no_grad():
             self.counter.add_(1).remainder_(10 * self.freeze_iter)
         with torch.autocast(x.device.type, enabled=False):
+            scale: torch.Tensor | None = None
             if frozen:
                 mean, deconv = self._running()
             else:
                 xs = x.to(_stats_dtype(x.dtype))
-                refresh = self._refresh_due()
-                mean, deconv = self._batch_statistics(xs) if refresh else self._rescaled_statistics(xs)
-                # Rescaled steps update them too: eval follows the weights at the pace of training.
-                self._update_running(mean, deconv)
-            w, b = self._fold(mean.to(_stats_dtype(self.weight.dtype)), deconv.to(_stats_dtype(self.weight.dtype)))
+                if self._refresh_due():
+                    mean, deconv = self._batch_statistics(xs)
+                    self._update_running(mean, deconv)
+                else:
+                    mean, deconv, scale = self._rescaled_statistics(xs)
+                    # Rescaled steps update them too: eval follows the weights at the pace of training.
+                    self._update_running(mean, deconv * scale.detach().view(-1, 1, 1))
+            stats_dtype = _stats_dtype(self.weight.dtype)
+            w, b = self._fold(mean.to(stats_dtype), deconv.to(stats_dtype),
+                              None if scale is None else scale.to(stats_dtype))
         w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
