@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--device cpu|cuda] [--arch deeplabv3 fcn] [--os 8 16] [--batch 2]
                                     [--size 128 256] [--threads 2] [--encoder resnet50] [--repeats 3]
+                                    [--variant stats_every=4 matrix_grad=false ...] [--breakdown]
 
 For every (architecture, output stride) it builds the BN and the deconvolution model from the same seed and
 prints the median time of
@@ -15,6 +16,12 @@ machine noise hits both alike. Peak memory of a training step: on CUDA ``torch.c
 above what the model and optimizer hold before the step; on CPU the peak resident set size (Linux ``VmHWM``, reset after
 the build) of a fresh subprocess that builds one model and runs two training steps, and that peak above the
 resident size just after the build (activations, gradients, optimizer state, allocator slack).
+
+``--variant`` also times deconvolution with other ``model.deconv`` settings (the speed options that change
+the mathematics), per step averaged over a refresh cycle. ``--breakdown`` (CPU) profiles one training step of
+each model and splits deconvolution's extra time into the fold ``W·D``, the covariance and the inverse square
+root (forward and backward each), less the BN layers' own time, and the rest (patch sampling, running
+statistics, bias, per-layer overhead).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,18 +44,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import interleaved, select_device, sync  # noqa: E402  (benchmarks/common.py)
 
-from seg.config import ModelConfig  # noqa: E402
+from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, parse_override  # noqa: E402
 from seg.models import build_model  # noqa: E402
 from seg.nn import FastDeconv, fold_deconv  # noqa: E402
 
 NORMS = ("bn", "deconv")
 
 
+def parse_variant(text: str) -> DeconvConfig:
+    """``stats_every=4,matrix_grad=false`` -> the ``model.deconv`` section with those keys changed."""
+    data = {}
+    for part in text.split(","):
+        key, value = parse_override(part)
+        data[".".join(key)] = value
+    return from_dict({"model": {"deconv": data}}, source=f"--variant {text}").model.deconv
+
+
 def make_model(arch: str, encoder: str, output_stride: int, norm: str, isqrt_method: str,
-               device: torch.device, stats_every: int = 1) -> nn.Module:
+               device: torch.device, deconv: DeconvConfig | None = None) -> nn.Module:
     torch.manual_seed(0)  # both norms start from the same conv weights
-    cfg = ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm)
-    cfg.deconv.stats_every = stats_every
+    cfg = ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm,
+                      deconv=deconv or DeconvConfig())
     model = build_model(cfg)
     if isqrt_method != "auto":
         for m in model.modules():
@@ -117,6 +134,37 @@ def cpu_memory(spec: dict) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+# Where deconvolution's time goes: its autograd Functions, forward and backward (each including the ops
+# it runs), and what BN costs in the BN model (time the deconvolution model does not spend).
+PARTS = ("fold W·D", "covariance", "inverse sqrt", "BN layers (BN model)")
+_PART_EVENTS = {
+    "fold W·D": ("_InterleavedFold", "_InterleavedFoldBackward"),
+    "covariance": ("_Gram", "_GramBackward"),
+    "inverse sqrt": ("_IsqrtEigh", "_IsqrtEighBackward"),
+}
+_BN_EVENTS = ("aten::native_batch_norm", "aten::native_batch_norm_backward")
+
+
+def _profiled(step) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one step under the profiler and CPU seconds per event name (children included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    return wall, {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+
+
+def breakdown(deconv_step, bn_step) -> dict[str, float]:
+    wall_deconv, events = _profiled(deconv_step)
+    wall_bn, bn_events = _profiled(bn_step)
+    out = {"prof_deconv": wall_deconv, "prof_bn": wall_bn}
+    for part, names in _PART_EVENTS.items():
+        out[f"prof_{part}"] = sum(events.get(n, 0.0) for n in names)
+    # BN's own time is what the deconvolution model saves; shown negative so that the parts add up.
+    out["prof_BN layers (BN model)"] = -sum(bn_events.get(n, 0.0) for n in _BN_EVENTS)
+    return out
+
+
 def cuda_memory(step: TrainStep, device: torch.device) -> dict:
     sync(device)
     base = torch.cuda.memory_allocated(device)
@@ -138,14 +186,16 @@ def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch
     x, target = batch_of(args.batch, args.size, device)
     models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device) for n in NORMS}
     steps: dict[str, object] = {n: TrainStep(models[n], x, target, device) for n in NORMS}
-    for k in args.stats_every:
-        # The option's cost is the mean over one refresh cycle: k consecutive steps, timed together.
-        variant = TrainStep(make_model(arch, args.encoder, output_stride, "deconv", args.isqrt_method, device, k),
-                            x, target, device)
-        steps[f"deconv_every{k}"] = lambda variant=variant, k=k: [variant() for _ in range(k)]
+    for name, deconv in args.variant.items():
+        # A variant's cost is the mean over one refresh cycle: stats_every consecutive steps, timed together.
+        variant = TrainStep(make_model(arch, args.encoder, output_stride, "deconv", args.isqrt_method, device,
+                                       deconv), x, target, device)
+        steps[name] = lambda variant=variant, k=deconv.stats_every: [variant() for _ in range(k)]
     t = {f"train_{k}": v for k, v in interleaved(steps, device, args.warmup, args.repeats).items()}
-    for k in args.stats_every:
-        t[f"train_deconv_every{k}"] /= k
+    for name, deconv in args.variant.items():
+        t[f"train_{name}"] /= deconv.stats_every
+    if args.breakdown:
+        t.update(breakdown(steps["deconv"], steps["bn"]))
     mem = {}
     for n in NORMS:
         if device.type == "cuda":
@@ -178,8 +228,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
-    parser.add_argument("--stats-every", nargs="*", type=int, default=[], metavar="K",
-                        help="also time model.deconv.stats_every=K (a speed option that changes the mathematics)")
+    parser.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also time deconvolution with these model.deconv settings, e.g. stats_every=4 "
+                             "matrix_grad=false (speed options that change the mathematics)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CPU: profile one training step of each model and print where deconvolution's "
+                             "extra time goes")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="CPU: skip the peak-memory subprocesses")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -187,6 +241,12 @@ def main() -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return
+    try:
+        args.variant = {text: parse_variant(text) for text in args.variant}
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.breakdown and args.device != "cpu":
+        parser.error("--breakdown profiles CPU time; run it with --device cpu")
     device, name = select_device(parser, args.device, args.threads)
     print(f"device={device} ({name}) encoder={args.encoder} input={args.batch}x3x{args.size[0]}x{args.size[1]} "
           f"isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} torch={torch.__version__} "
@@ -195,11 +255,13 @@ def main() -> None:
     print(f"| model | OS | train BN (s) | train deconv (s) | train ratio | eval BN (s) | eval deconv cached (s) "
           f"| eval deconv folded (s) | eval ratio cached / folded | memory BN ({mem_what}) | memory deconv "
           f"| memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    variants = []
+    variants, breakdowns = [], []
     for arch in args.arch:
         for output_stride in args.os:
             r = bench(arch, output_stride, args, device)
-            variants += [(arch, output_stride, k, r[f"train_deconv_every{k}"], r["train_bn"]) for k in args.stats_every]
+            variants += [(arch, output_stride, v, r[f"train_{v}"], r["train_bn"]) for v in args.variant]
+            if args.breakdown:
+                breakdowns.append((arch, output_stride, r))
             row = (f"| {arch} {args.encoder} | {output_stride} | {r['train_bn']:.3f} | {r['train_deconv']:.3f} | "
                    f"{r['train_deconv'] / r['train_bn']:.2f}x | {r['eval_bn']:.3f} | {r['eval_deconv']:.3f} | "
                    f"{r['eval_folded']:.3f} | {r['eval_deconv'] / r['eval_bn']:.2f}x / "
@@ -213,10 +275,20 @@ def main() -> None:
                 row += "- | - | - |"
             print(row, flush=True)
     if variants:
-        print("\n| model | OS | deconv.stats_every | train deconv (s per step, mean over a cycle) "
+        print("\n| model | OS | model.deconv | train deconv (s per step, mean over a refresh cycle) "
               "| train ratio to BN |\n|---|---|---|---|---|")
-        for arch, output_stride, k, sec, bn in variants:
-            print(f"| {arch} {args.encoder} | {output_stride} | {k} | {sec:.3f} | {sec / bn:.2f}x |")
+        for arch, output_stride, v, sec, bn in variants:
+            print(f"| {arch} {args.encoder} | {output_stride} | {v} | {sec:.3f} | {sec / bn:.2f}x |")
+    if breakdowns:
+        print("\nOne profiled training step (CPU seconds; the profiler adds some overhead to both models):\n")
+        print("| model | OS | step BN | step deconv | extra | " + " | ".join(PARTS) + " | rest of the extra |\n"
+              "|---|---|---|---|---|" + "---|" * (len(PARTS) + 1))
+        for arch, output_stride, r in breakdowns:
+            extra = r["prof_deconv"] - r["prof_bn"]
+            parts = [r[f"prof_{p}"] for p in PARTS]
+            cells = " | ".join(f"{v:.3f} ({v / extra:.0%})" for v in parts)
+            print(f"| {arch} {args.encoder} | {output_stride} | {r['prof_bn']:.3f} | {r['prof_deconv']:.3f} | "
+                  f"{extra:.3f} | {cells} | {extra - sum(parts):.3f} ({(extra - sum(parts)) / extra:.0%}) |")
     print(f"loadavg at end={os.getloadavg()[0]:.2f}")
 
 

@@ -47,6 +47,9 @@ class DeconvConfig:
     # computes its whitening matrix only every k training steps; in between it keeps the matrix, rescaled
     # to the batch's mean variance, with the batch's mean (see benchmarks/README.md for cost and mIoU).
     stats_every: int = 1
+    # Speed option that changes the mathematics (true = the reference): false treats every non-stem layer's
+    # whitening matrix as a constant in the backward pass (the mean keeps its gradient).
+    matrix_grad: bool = True
 
     def __post_init__(self) -> None:
         for key in ("block", "sampling_stride", "n_iter", "stem_n_iter", "stem_freeze_iter", "stats_every"):

@@ -155,11 +155,13 @@ def test_config_recorded_and_deconv_settings_applied() -> None:
     assert all(m.stats_every == 1 for m in layers.values())
 
 
-def test_stats_every_option_reaches_every_layer_but_the_stem() -> None:
-    model = build_model(make_cfg(arch="fcn", output_stride=16, deconv=DeconvConfig(block=16, stats_every=4)))
+def test_speed_options_reach_every_layer_but_the_stem() -> None:
+    deconv = DeconvConfig(block=16, stats_every=4, matrix_grad=False)
+    model = build_model(make_cfg(arch="fcn", output_stride=16, deconv=deconv))
     layers = convs(model)
-    assert layers["encoder.conv1"].stats_every == 1
-    assert all(m.stats_every == 4 for n, m in layers.items() if n != "encoder.conv1")
+    assert (layers["encoder.conv1"].stats_every, layers["encoder.conv1"].matrix_grad) == (1, True)
+    assert all(m.stats_every == 4 and not m.matrix_grad for n, m in layers.items() if n != "encoder.conv1")
+    assert all(m.matrix_grad for m in convs(build_model(make_cfg(arch="fcn", output_stride=16))).values())
     model(torch.randn(1, 3, 64, 64)).get("out").sum().backward()
     with pytest.raises(ConfigError, match="model.deconv.stats_every"):
         DeconvConfig(stats_every=0)

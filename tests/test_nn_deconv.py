@@ -577,3 +577,37 @@ def test_stats_every_scaled_fold_equals_fold_of_the_scaled_matrix(name):
     want = torch.autograd.grad(expected, [x2, layer.weight, layer.bias], grad)
     for a, b_ in zip(got, want):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stats_every", [1, 2])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "grouped"])
+def test_matrix_grad_false_treats_the_matrix_as_a_constant(name, stats_every):
+    g = GEOMETRIES[name]
+    torch.manual_seed(0)
+    args = (g["c"], g["out"], g["k"], g["stride"], g["padding"], g["dilation"], g["groups"])
+    exact = FastDeconv(*args, block=g["block"], stats_every=stats_every).double()
+    const = FastDeconv(*args, block=g["block"], stats_every=stats_every, matrix_grad=False).double()
+    const.load_state_dict(exact.state_dict())
+    for step in range(2):  # with stats_every=2: a refresh step, then a rescaled one
+        x = torch.randn(2, g["c"], *g["hw"], dtype=torch.float64) * 2 + step
+        x1, x2, x3 = (x.clone().requires_grad_() for _ in range(3))
+        probe = copy.deepcopy(exact)  # the statistics this step uses, computed before the step counts
+        y_exact, y_const = exact(x1), const(x2)
+        torch.testing.assert_close(y_const, y_exact, rtol=1e-12, atol=1e-12)  # same forward
+        torch.testing.assert_close(const.running_deconv, exact.running_deconv)
+        # Expected gradients: the batch's mean with gradient, the (rescaled) matrix as a constant.
+        if step == 0 or stats_every == 1:
+            mean, deconv = probe._batch_statistics(x3)
+            scale = None
+        else:
+            mean, deconv, scale = probe._rescaled_statistics(x3)
+            scale = scale.detach()
+        w, b = probe._fold(mean, deconv.detach(), scale)
+        expected = F.conv2d(x3, w, b, probe.stride, probe.padding, probe.dilation, probe.groups)
+        grad = torch.randn_like(y_const)
+        got = torch.autograd.grad(y_const, [x2, const.weight, const.bias], grad)
+        want = torch.autograd.grad(expected, [x3, probe.weight, probe.bias], grad)
+        for a, b_ in zip(got, want):
+            torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+        # ... and the exact operator's input gradient differs (the option does change the mathematics).
+        assert not torch.allclose(torch.autograd.grad(y_exact, x1, grad)[0], got[0])

@@ -112,6 +112,7 @@ def _apply_deconv(model: Segmenter, d: DeconvConfig) -> Segmenter:
         block=d.block, sampling_stride=d.sampling_stride, n_iter=d.n_iter, eps=d.eps, momentum=d.momentum,
         stem_n_iter=d.stem_n_iter, stem_freeze=d.stem_freeze, stem_freeze_iter=d.stem_freeze_iter,
         sync=d.sync or _world_size() > 1, stats_every=d.stats_every,
+        matrix_grad=d.matrix_grad,
     )
     classifiers = _classifier_names(model)
     model = deconvolve(model, exclude=classifiers, **settings)

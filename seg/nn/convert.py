@@ -84,13 +84,14 @@ def deconvolve(
     stem_freeze_iter: int = 100,
     sync: bool = False,
     stats_every: int = 1,
+    matrix_grad: bool = True,
     exclude: Iterable[str] = (),
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` by a ``FastDeconv`` and every BatchNorm by ``nn.Identity``.
 
     Weights (and biases; a zero bias where there was none) carry over. The layer taking the 3-channel
-    image gets ``stem_n_iter`` and the periodic freeze; the others get ``stats_every``. Modules whose
-    qualified name matches a pattern in ``exclude`` are left alone. Returns the converted module (a new
+    image gets ``stem_n_iter`` and the periodic freeze; the others get ``stats_every`` and ``matrix_grad``.
+    Modules whose qualified name matches a pattern in ``exclude`` are left alone. Returns the converted module (a new
     object when ``module`` itself is a conv); its ``deconv_report`` attribute says what changed, and the
     summary is logged.
     """
@@ -105,7 +106,7 @@ def deconvolve(
             stem = child.in_channels == IMAGE_CHANNELS
             settings = dict(common, n_iter=stem_n_iter if stem else n_iter,
                             freeze=stem_freeze if stem else False, freeze_iter=stem_freeze_iter,
-                            stats_every=1 if stem else stats_every)
+                            stats_every=1 if stem else stats_every, matrix_grad=True if stem else matrix_grad)
             report.converted.append(name)
             if stem:
                 report.stems.append(name)

@@ -160,6 +160,11 @@ class FastDeconv(nn.Conv2d):
             mean (both cheap, with gradient) — no covariance, no inverse square root. 1 (the default) is
             the reference operator; larger values change the mathematics for speed (see
             ``benchmarks/README.md`` for the cost and the effect on mIoU).
+        matrix_grad: whether gradients flow through the whitening matrix (the covariance and its inverse
+            square root), as in the reference. ``False`` treats the matrix as a constant in the backward pass
+            (the mean keeps its gradient): no backward through the covariance, the inverse square root or
+            the fold's ``∂D`` product. A speed option that changes the mathematics (see
+            ``benchmarks/README.md``).
         isqrt_method: ``auto`` | ``iterate`` | ``eigh``: two exact forms of the same Newton–Schulz result
             (see ``seg.nn.isqrt``); ``auto`` picks the faster for the device.
     """
@@ -184,6 +189,7 @@ class FastDeconv(nn.Conv2d):
         sync: bool = False,
         isqrt_method: str = "auto",
         stats_every: int = 1,
+        matrix_grad: bool = True,
     ) -> None:
         if isqrt_method not in METHODS:
             raise ValueError(f"isqrt_method must be one of {', '.join(METHODS)}, got {isqrt_method!r}")
@@ -227,6 +233,7 @@ class FastDeconv(nn.Conv2d):
         # A buffer (not a Python int) so that it survives state_dict round trips and resume.
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
         self.stats_every = int(stats_every)
+        self.matrix_grad = bool(matrix_grad)
         if self.stats_every > 1:
             # The whitening reused between refreshes, the mean variance it was computed at, and the step
             # count that schedules the refreshes; buffers, so that a resumed run continues exactly (only
@@ -239,7 +246,8 @@ class FastDeconv(nn.Conv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", block={self.block}, n_iter={self.n_iter}, eps={self.eps}, "
                 f"sampling_stride={self.sampling_stride}, freeze={self.freeze}, sync={self.sync}"
-                + (f", stats_every={self.stats_every}" if self.stats_every > 1 else ""))
+                + (f", stats_every={self.stats_every}" if self.stats_every > 1 else "")
+                + ("" if self.matrix_grad else ", matrix_grad=False"))
 
     # -- statistics ---------------------------------------------------------------------------
 
@@ -291,6 +299,10 @@ class FastDeconv(nn.Conv2d):
             raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
         mean = total / count
         centred = samples - mean
+        if not self.matrix_grad:
+            # The matrix (and its rescaling) as a constant: nothing recorded for the covariance, the inverse
+            # square root or the fold's ∂D; the mean keeps its gradient.
+            centred = centred.detach()
         if not full:
             # The mean variance only: O(M·nf) instead of the covariance's O(M·nf²).
             sq = centred.pow(2).sum((0, 2))
