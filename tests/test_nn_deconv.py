@@ -534,7 +534,13 @@ def test_interleaved_fold_matches_plain_form(per_row, needs):
     for t1, t2, n in zip(ours, plain, needs):
         if n:
             torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-10, atol=1e-12)
-    # Each output alone (the other's gradient absent) is handled too.
+    # Gradients with odd strides (expanded, from a sum) and each output alone are handled too.
+    w_sum = inputs[0].clone().requires_grad_()
+    folded, shift = _InterleavedFold.apply(w_sum, inputs[1], inputs[2], per_row)
+    (folded.sum() + shift.sum()).backward()
+    w_ref = inputs[0].clone().requires_grad_()
+    sum(t.sum() for t in _plain_fold(w_ref, inputs[1], inputs[2], per_row)).backward()
+    torch.testing.assert_close(w_sum.grad, w_ref.grad, rtol=1e-10, atol=1e-12)
     torch.autograd.gradcheck(lambda *t: _InterleavedFold.apply(*t, per_row)[0],
                              [t.clone().requires_grad_(True) for t in inputs])
     torch.autograd.gradcheck(lambda *t: _InterleavedFold.apply(*t, per_row)[1],

@@ -121,14 +121,19 @@ class _InterleavedFold(torch.autograd.Function):
         out = weight.shape[0]
         # The gradient with respect to the folded rows R = W_rows·D: from the conv weight, plus the rank-one
         # term of shift_o = Σ_r R[o, r]·μ.
+        own = True  # whether grad_rows is a tensor of ours, safe to update in place
         if grad_folded is None:
             grad_rows = torch.zeros(out * per_row, nf, dtype=deconv.dtype, device=deconv.device)
+        elif per_row == 1:
+            grad_rows, own = grad_folded.reshape(out, nf), False
         else:
-            grad_rows = _InterleavedFold._interleave(grad_folded, nf, per_row)
+            # An explicit copy: reshape could return a view for odd strides (an expanded gradient).
+            grad_rows = torch.empty(out * per_row, nf, dtype=grad_folded.dtype, device=grad_folded.device)
+            grad_rows.view(out, per_row, nf).copy_(grad_folded.reshape(out, nf, per_row).transpose(1, 2))
         shift_rows = None
         if grad_shift is not None:
             shift_rows = grad_shift.repeat_interleave(per_row)
-            grad_rows = grad_rows.addr(shift_rows, mean)
+            grad_rows = grad_rows.addr_(shift_rows, mean) if own else grad_rows.addr(shift_rows, mean)
         grad_weight = grad_deconv = grad_mean = None
         if ctx.needs_input_grad[0]:
             grad_weight = _InterleavedFold._deinterleave(grad_rows @ deconv.t(), weight.shape, nf, per_row)
