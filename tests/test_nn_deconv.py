@@ -617,3 +617,21 @@ def test_matrix_grad_false_treats_the_matrix_as_a_constant(name, stats_every):
             torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
         # ... and the exact operator's input gradient differs (the option does change the mathematics).
         assert not torch.allclose(torch.autograd.grad(y_exact, x1, grad)[0], got[0])
+
+
+@pytest.mark.parametrize("hw", [(9, 11), (6, 6)])  # 99 pixels: each image starts at another offset; 36: all at 0
+def test_samples_of_1x1_layers_follow_the_flattened_pixel_order(hw):
+    layer = FastDeconv(16, 4, 1, block=8)
+    x = torch.randn(3, 16, *hw)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 16)[::9]  # every 9th pixel of (N, H, W), as the reference
+    expected = rows.reshape(-1, 8, 2).transpose(1, 2).reshape(-1, 1, 8)  # two interleaved groups per row
+    torch.testing.assert_close(layer._samples(x), expected, rtol=0, atol=0)
+
+
+def test_samples_of_3x3_layers_are_the_strided_im2col_rows():
+    layer = FastDeconv(8, 4, 3, padding=1, block=4)
+    x = torch.randn(2, 8, 10, 13)
+    cols = F.unfold(x, 3, padding=1, stride=3)  # (N, 72, L)
+    rows = cols.transpose(1, 2).reshape(-1, 72)
+    expected = rows.reshape(-1, 36, 2).transpose(1, 2).reshape(-1, 1, 36)
+    torch.testing.assert_close(layer._samples(x), expected, rtol=0, atol=0)

@@ -258,20 +258,23 @@ class FastDeconv(nn.Conv2d):
 
     def _samples(self, x: torch.Tensor) -> torch.Tensor:
         """Sampled patch rows, shape ``(M, G, num_features)`` with G shared (groups=1) or per conv group."""
-        n, c, _, _ = x.shape
+        n, c, h, w = x.shape
         sh, sw = self.sampling_stride * self.stride[0], self.sampling_stride * self.stride[1]
         if self.kernel_size == (1, 1):
-            rows = x.permute(0, 2, 3, 1).reshape(-1, c)[:: sh * sw]
+            # As the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
+            # different offset in each image when H·W is not a multiple of the step. Slicing each image
+            # copies only the samples (flattening all pixels first would copy the whole input).
+            step = sh * sw
+            blocks = [x[i].reshape(c, h * w)[:, (-i * h * w) % step::step] for i in range(n)]
         else:
-            rows = F.unfold(x, self.kernel_size, self.dilation, self.padding, (sh, sw))
-            rows = rows.transpose(1, 2).reshape(-1, c * self.kernel_size[0] * self.kernel_size[1])
+            blocks = list(F.unfold(x, self.kernel_size, self.dilation, self.padding, (sh, sw)).unbind(0))
         nf = self.num_features
         if self.groups == 1:
-            # Each channel-major row viewed as (k²·B, C/B) and transposed: C/B interleaved samples of one
-            # k²·B-dimensional vector, all sharing one mean and one matrix.
-            groups_per_row = c // self.block
-            return rows.reshape(-1, nf, groups_per_row).transpose(1, 2).reshape(-1, 1, nf)
-        return rows.reshape(-1, self.groups, nf)
+            # Each (C·k²)-long column viewed as (k²·B, C/B): C/B interleaved samples of one k²·B-dimensional
+            # vector, all sharing one mean and one matrix. torch.cat writes all rows in one copy.
+            per_row = c // self.block
+            return torch.cat([b.view(nf, per_row, -1).permute(2, 1, 0) for b in blocks]).view(-1, 1, nf)
+        return torch.cat([b.view(self.groups, nf, -1).permute(2, 0, 1) for b in blocks])
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch; with ``stats_every > 1``
