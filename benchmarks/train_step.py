@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -154,14 +155,22 @@ def _profiled(step) -> tuple[float, dict[str, float]]:
     return wall, {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
 
 
-def breakdown(deconv_step, bn_step) -> dict[str, float]:
-    wall_deconv, events = _profiled(deconv_step)
-    wall_bn, bn_events = _profiled(bn_step)
-    out = {"prof_deconv": wall_deconv, "prof_bn": wall_bn}
-    for part, names in _PART_EVENTS.items():
-        out[f"prof_{part}"] = sum(events.get(n, 0.0) for n in names)
-    # BN's own time is what the deconvolution model saves; shown negative so that the parts add up.
-    out["prof_BN layers (BN model)"] = -sum(bn_events.get(n, 0.0) for n in _BN_EVENTS)
+def breakdown(deconv_step, bn_step, repeats: int) -> dict[str, float]:
+    """Median wall time of a profiled step of each model (alternating which goes first) and the median
+    seconds per part; BN's own time is what the deconvolution model saves, shown negative so the parts add up."""
+    walls: dict[str, list[float]] = {"deconv": [], "bn": []}
+    parts: dict[str, list[float]] = {p: [] for p in PARTS}
+    for r in range(repeats):
+        for name in ("deconv", "bn") if r % 2 == 0 else ("bn", "deconv"):
+            wall, events = _profiled(deconv_step if name == "deconv" else bn_step)
+            walls[name].append(wall)
+            if name == "bn":
+                parts["BN layers (BN model)"].append(-sum(events.get(n, 0.0) for n in _BN_EVENTS))
+                continue
+            for part, names in _PART_EVENTS.items():
+                parts[part].append(sum(events.get(n, 0.0) for n in names))
+    out = {f"prof_{k}": statistics.median(v) for k, v in walls.items()}
+    out.update({f"prof_{p}": statistics.median(v) for p, v in parts.items()})
     return out
 
 
@@ -195,7 +204,7 @@ def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch
     for name, deconv in args.variant.items():
         t[f"train_{name}"] /= deconv.stats_every
     if args.breakdown:
-        t.update(breakdown(steps["deconv"], steps["bn"]))
+        t.update(breakdown(steps["deconv"], steps["bn"], args.repeats))
     mem = {}
     for n in NORMS:
         if device.type == "cuda":
@@ -280,7 +289,8 @@ def main() -> None:
         for arch, output_stride, v, sec, bn in variants:
             print(f"| {arch} {args.encoder} | {output_stride} | {v} | {sec:.3f} | {sec / bn:.2f}x |")
     if breakdowns:
-        print("\nOne profiled training step (CPU seconds; the profiler adds some overhead to both models):\n")
+        print(f"\nProfiled training steps (median of {args.repeats} per model, CPU seconds; the profiler adds some "
+              "overhead to both models):\n")
         print("| model | OS | step BN | step deconv | extra | " + " | ".join(PARTS) + " | rest of the extra |\n"
               "|---|---|---|---|---|" + "---|" * (len(PARTS) + 1))
         for arch, output_stride, r in breakdowns:
