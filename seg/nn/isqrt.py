@@ -99,20 +99,30 @@ class _IsqrtEigh(torch.autograd.Function):
         c = torch.linalg.matrix_norm(a, keepdim=True)
         lam, vec = torch.linalg.eigh(a / c)
         f = (vec * _scalar_newton_schulz(lam, n_iter).unsqueeze(-2)) @ vec.transpose(-1, -2)  # q(B)
-        ctx.save_for_backward(a, c, lam, vec, f)
+        # Only the eigendecomposition is kept: the backward pass works in its basis, where A and q(B) are
+        # diagonal (two fewer n×n matrices per layer held until the backward pass).
+        ctx.save_for_backward(c, lam, vec)
         ctx.n_iter = n_iter
         return f / c.sqrt()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        a, c, lam, vec, f = ctx.saved_tensors
+        c, lam, vec = ctx.saved_tensors
         vt = vec.transpose(-1, -2)
         rc = c.rsqrt()
-        # D = q(B)/√c with B = A/c and c = ‖A‖_F.
-        g_f = grad * rc
-        g_b = vec @ (_divided_differences(lam, ctx.n_iter) * (vt @ g_f @ vec)) @ vt
-        g_c = -0.5 * (grad * f).sum((-2, -1), keepdim=True) * rc / c - (g_b * a).sum((-2, -1), keepdim=True) / (c * c)
-        return g_b / c + g_c * a / c, None
+        # D = q(B)/√c with B = A/c and c = ‖A‖_F. In the eigenbasis (M = Vᵀ·G·V): the gradient with respect to B
+        # is K ∘ M/√c (Daleckii–Krein), and the terms of c need only diagonals, as A = c·V·Λ·Vᵀ and
+        # q(B) = V·q(Λ)·Vᵀ: ⟨G, q(B)⟩ = Σ q(λ)·diag(M) and ⟨∂B, A⟩ = c·Σ λ·diag(K ∘ M)/√c.
+        m = vt @ grad @ vec
+        g_b = _divided_differences(lam, ctx.n_iter) * m * rc
+        diag_m = m.diagonal(dim1=-2, dim2=-1)
+        q = _scalar_newton_schulz(lam, ctx.n_iter)
+        g_c = (-0.5 * (q * diag_m).sum(-1) * rc[..., 0, 0] / c[..., 0, 0]
+               - (lam * g_b.diagonal(dim1=-2, dim2=-1)).sum(-1) / c[..., 0, 0])
+        # ∂A = ∂B/c + g_c·A/c, with A/c = V·Λ·Vᵀ: one change of basis back for both terms.
+        inner = g_b / c
+        inner.diagonal(dim1=-2, dim2=-1).add_(g_c.unsqueeze(-1) * lam)
+        return vec @ inner @ vt, None
 
 
 def isqrt_eigh(a: torch.Tensor, n_iter: int) -> torch.Tensor:
