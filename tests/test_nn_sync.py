@@ -13,16 +13,16 @@ import torch
 from tests.dist_sync_worker import SPLIT, make_inputs
 
 
-@pytest.mark.parametrize("stats_every", [1, 2])
-def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every):
+@pytest.mark.parametrize("stats_every,matrix_grad", [(1, True), (2, True), (1, False)])
+def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every, matrix_grad):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
     worker = Path(__file__).with_name("dist_sync_worker.py")
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path), str(stats_every)], env=env, capture_output=True,
-                          text=True, timeout=240)
+    args = [str(tmp_path), str(stats_every), "true" if matrix_grad else "false"]
+    proc = subprocess.run([sys.executable, str(worker), *args], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
-    layer, x, grad = make_inputs(stats_every)
+    layer, x, grad = make_inputs(stats_every, matrix_grad)
     layer.sync = True  # no process group here: plain local statistics over the whole batch
     x = x.clone().requires_grad_()
     for _ in range(2):
