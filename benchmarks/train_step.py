@@ -18,8 +18,8 @@ the build) of a fresh subprocess that builds one model and runs two training ste
 resident size just after the build (activations, gradients, optimizer state, allocator slack).
 
 ``--variant`` also times deconvolution with other ``model.deconv`` settings (the speed options that change
-the mathematics), per step averaged over a refresh cycle. ``--breakdown`` (CPU) profiles one training step of
-each model and splits deconvolution's extra time into the fold ``W·D``, the covariance and the inverse square
+the mathematics), per step averaged over a refresh cycle. ``--breakdown`` (CPU) profiles ``--repeats`` training
+steps of each model and splits deconvolution's extra time into the fold ``W·D``, the covariance and the inverse square
 root (forward and backward each), less the BN layers' own time, and the rest (patch sampling, running
 statistics, bias, per-layer overhead).
 """
@@ -241,8 +241,8 @@ def main() -> None:
                         help="also time deconvolution with these model.deconv settings, e.g. stats_every=4 "
                              "matrix_grad=false (speed options that change the mathematics)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="CPU: profile one training step of each model and print where deconvolution's "
-                             "extra time goes")
+                        help="CPU: profile --repeats training steps of each model and print where "
+                             "deconvolution's extra time goes")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="CPU: skip the peak-memory subprocesses")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
