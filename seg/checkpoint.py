@@ -1,0 +1,90 @@
+"""Checkpoint files: atomic writes and the one way to read them (``weights_only=True``, one error type).
+
+A training checkpoint is a dict ``{'model', 'config', 'iteration', 'optimizer', 'scheduler', 'scaler',
+'rng', 'best_metric', ...}`` of tensors and plain data. Weight files from elsewhere (a bare state_dict, a
+classification checkpoint) are read with :func:`read_weights`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seg.errors import UserError
+
+LAST = "last.pth"
+BEST = "best.pth"
+
+
+class CheckpointError(UserError):
+    """A checkpoint or weights file is missing, unreadable or not what was expected."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` through a temporary file and ``os.replace``.
+
+    A crash or a kill during the write leaves the previous file intact: readers see either the old
+    checkpoint or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _torch_load(path: Path, map_location: str | torch.device, what: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated, foreign or pickled-object files
+        raise CheckpointError(f"cannot read {what} {path} with torch.load(weights_only=True): {e}") from e
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint written by :func:`save_checkpoint` (it must hold 'model' and 'config')."""
+    path = Path(path)
+    state = _torch_load(path, map_location, "checkpoint")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a training checkpoint (expected keys 'model' and 'config', got {keys})")
+    return state
+
+
+def read_weights(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: a state_dict, or a checkpoint with one under ``model``/``state_dict``.
+
+    A ``module.`` prefix (DistributedDataParallel) is removed.
+    """
+    path = Path(path)
+    obj = _torch_load(path, "cpu", what)
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{what} {path} holds no state_dict (expected a mapping of names to tensors, "
+            f"or a checkpoint with one under 'model' or 'state_dict')"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def latest_checkpoint(work_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from in ``work_dir`` (``last.pth``), or None when there is none."""
+    last = Path(work_dir) / LAST
+    return last if last.is_file() else None
