@@ -1,19 +1,21 @@
 """Export a trained model (deconvolution folded into plain convolutions) to TorchScript or ONNX.
 
-The exported graph takes a normalised image batch N,3,H,W of any size and returns logits N,C,H,W: it
-always pads to the output stride and crops back, so the padding is part of the graph rather than a
-Python branch frozen at tracing time.
+The exported graph takes a normalised image batch N,3,H,W of any size and returns logits N,C,H,W: the
+model pads to its output stride unconditionally (:func:`seg.models.segmenter.pad_to_multiple`) and crops
+back, so the padding is part of the graph rather than a Python branch frozen at tracing time.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from seg.errors import UserError
 
 FORMATS = ("torchscript", "onnx")
 ONNX_HELP = (
@@ -21,51 +23,47 @@ ONNX_HELP = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export failed or its output does not match the eager model; the message says which."""
 
 
 class ExportModel(nn.Module):
-    """Wraps a segmentation model for export: logits tensor out, padding done unconditionally."""
+    """Wraps a segmentation model for export: a logits tensor out instead of a dict."""
 
-    def __init__(self, model: nn.Module, size_divisor: int):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.size_divisor = int(size_divisor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        d = self.size_divisor
-        x = F.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])
         out = self.model(x)
-        out = out["out"] if isinstance(out, dict) else out
-        return out[:, :, :h, :w]
+        return out["out"] if isinstance(out, dict) else out
 
 
 def prepare(model: nn.Module) -> ExportModel:
     """An eval-mode copy with deconvolution folded, wrapped for export."""
     from seg.nn import fold_deconv
 
-    model = fold_deconv(copy.deepcopy(model)).eval()
-    divisor = getattr(model, "size_divisor", None) or getattr(
-        getattr(model, "config", None), "output_stride", 8
-    )
-    return ExportModel(model, divisor).eval()
+    return ExportModel(fold_deconv(copy.deepcopy(model)).eval()).eval()
 
 
 def export_torchscript(wrapped: ExportModel, sample: torch.Tensor, path: str | Path) -> Path:
+    """Trace ``wrapped`` on ``sample`` and save it; the file accepts any N, H, W."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         # Tracing is deprecated upstream but still the one dependency-free, loadable-from-C++ format; the
-        # shape checks it warns about are what ExportModel makes unconditional.
+        # model pads and resizes unconditionally, so no shape-dependent branch is frozen.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapped, sample, check_trace=False)
-    traced.save(str(path))
+    try:
+        traced.save(str(path))
+    except RuntimeError as e:  # torch reports an unwritable file as a RuntimeError
+        raise ExportError(f"cannot write {path}: {e}") from e
     return path
 
 
 def run_torchscript(path: str | Path, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a saved TorchScript file on CPU."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         return torch.jit.load(str(path), map_location="cpu")(x)
@@ -102,13 +100,17 @@ def export_onnx(
                 f"dynamic-shape ONNX export failed ({type(e).__name__}); exporting at a fixed size",
                 stacklevel=2,
             )
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (sample,), str(path), **kwargs)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (sample,), str(path), **kwargs)
+    except Exception as e:  # an operator without an ONNX translation, an exporter bug, a write error
+        raise ExportError(f"ONNX export to {path} failed: {type(e).__name__}: {e}") from e
     return path, False
 
 
 def run_onnx(path: str | Path, x: torch.Tensor) -> torch.Tensor:
+    """Logits of an ONNX file with onnxruntime on CPU."""
     _require_onnx()
     import onnxruntime as ort
 
@@ -117,7 +119,12 @@ def run_onnx(path: str | Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def compare(wrapped: ExportModel, run, path: Path, inputs: list[torch.Tensor]) -> float:
+def compare(
+    wrapped: ExportModel,
+    run: Callable[[Path, torch.Tensor], torch.Tensor],
+    path: Path,
+    inputs: list[torch.Tensor],
+) -> float:
     """Largest absolute difference between the exported file and the eager model over ``inputs``."""
     diff = 0.0
     for x in inputs:

@@ -1,15 +1,16 @@
 """``Predictor``: one way to run a segmentation model for evaluation, images and video.
 
-Normalises, pads to the output stride, runs ``whole`` or ``slide`` (overlapping crops, logits averaged
-over overlaps), optional multi-scale + horizontal-flip test-time augmentation (softmax probabilities
-averaged over views), batches, and returns trainId maps (and probabilities when asked).
+Normalises, runs ``whole`` or ``slide`` (overlapping crops, logits averaged over overlaps), optional
+multi-scale + horizontal-flip test-time augmentation (softmax probabilities averaged over views),
+batches, and returns trainId maps (and probabilities when asked). The model pads to its output stride
+itself (:class:`seg.models.Segmenter`), so any image size works.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +19,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seg.checkpoint import CheckpointError, load_checkpoint
+from seg.config import Config
+from seg.errors import UserError
+
+
+class InferenceError(UserError, ValueError):
+    """A Predictor setting or device cannot be used; the message names it and what is valid."""
+
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"``: CUDA when available, else CPU; otherwise the device named."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise InferenceError(f"device {device!r} is not a torch device (expected cpu, cuda or cuda:N)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device}' was requested but CUDA is not available; use --device cpu")
+        raise InferenceError(f"device '{device}' was requested but CUDA is not available; use --device cpu")
     return device
 
 
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild the model from the config stored in a training checkpoint and load its weights.
 
-    Returns ``(model in eval mode, Config)``; ``model.pretrained`` is not read again.
+    Returns ``(model in eval mode, Config)``; ``model.pretrained`` is not read again. A missing,
+    unreadable or mismatching file raises :class:`~seg.checkpoint.CheckpointError` naming it.
     """
     from seg.config import from_dict
     from seg.models import model_from_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = from_dict(state["config"], source=f"{path} (stored config)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a usable checkpoint"
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
-        raise ValueError(f"{path}: not a training checkpoint (expected a dict with 'model' and 'config')")
-    cfg = from_dict(ckpt["config"], source=f"{path} (stored config)")
-    model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(state)
+    except (UserError, ValueError, KeyError) as e:  # weights that do not fit the model of the stored config
+        raise CheckpointError(f"{path}: {e}") from e
     return model.to(device).eval(), cfg
 
 
@@ -78,7 +86,8 @@ class Predictor:
     """Runs a segmentation model on normalised tensors or raw RGB images.
 
     Args:
-        model: returns logits (or a dict with ``'out'``) of shape N,C,H,W for any input size.
+        model: returns logits (or a dict with ``'out'``) of shape N,C,H,W for any input size, as
+            :class:`seg.models.Segmenter` does (it pads to its output stride and crops back).
         mean, std: normalisation of RGB values in [0, 1] (from the data config).
         mode: ``whole`` (one pass per image) or ``slide`` (crops of ``crop_size`` every ``stride``).
         scales, flip: test-time augmentation; with more than one view, probabilities are averaged.
@@ -86,8 +95,13 @@ class Predictor:
         amp_dtype: autocast dtype on CUDA (e.g. ``torch.bfloat16``), ``None`` for float32.
         fold: replace deconvolution layers by equivalent plain convolutions (a copy; faster inference).
         batch_size: images (or crops) per forward pass.
-        pad_multiple: inputs are zero-padded to a multiple of this (the output stride) and cropped back.
+        config: the training config the model was built from (set by :meth:`from_checkpoint`).
+
+    Outputs: :meth:`probabilities` (always softmax probabilities), :meth:`logits` (raw logits; one view
+    only, since views are averaged as probabilities), :meth:`predict_tensor` and ``__call__`` (trainIds).
     """
+
+    config: Config | None
 
     def __init__(
         self,
@@ -104,18 +118,18 @@ class Predictor:
         amp_dtype: torch.dtype | None = None,
         fold: bool = False,
         batch_size: int = 1,
-        pad_multiple: int | None = None,
+        config: Config | None = None,
     ):
         if mode not in ("whole", "slide"):
-            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+            raise InferenceError(f"eval.mode must be 'whole' or 'slide', got {mode!r}")
         if len(crop_size) != 2 or len(stride) != 2 or min(*crop_size, *stride) < 1:
-            raise ValueError(
-                f"crop_size and stride must be two positive ints (H W), got {crop_size}, {stride}"
+            raise InferenceError(
+                f"eval.crop_size and eval.stride must be two positive ints (H W), got {crop_size}, {stride}"
             )
         if not scales or min(scales) <= 0:
-            raise ValueError(f"scales must be positive numbers, got {scales}")
+            raise InferenceError(f"eval.scales must be positive numbers, got {scales}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InferenceError(f"eval.batch_size must be >= 1, got {batch_size}")
         self.device = pick_device(device)
         model = getattr(model, "module", model)  # DistributedDataParallel: use the wrapped module
         if fold:
@@ -132,10 +146,8 @@ class Predictor:
         self.flip = flip
         self.amp_dtype = amp_dtype if self.device.type == "cuda" else None
         self.batch_size = batch_size
-        model_cfg = getattr(model, "config", None)
-        stride = getattr(model, "size_divisor", None) or getattr(model_cfg, "output_stride", None)
-        self.pad_multiple = pad_multiple or stride or 8
-        self.num_classes = getattr(model_cfg, "num_classes", None)
+        self.config = config
+        self.num_classes = getattr(getattr(model, "config", None), "num_classes", None)
 
     # ------------------------------------------------------------------------------------------
     # construction from a checkpoint
@@ -143,7 +155,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, eval_cfg: Any = None, **kwargs: Any) -> Predictor:
         """Build from a checkpoint; normalisation comes from its stored data config, the remaining
-        settings from ``eval_cfg`` (an ``EvalConfig``), then from ``kwargs``."""
+        settings from ``eval_cfg`` (an ``EvalConfig``), then from ``kwargs``. The stored training config
+        is kept as :attr:`config`."""
         device = pick_device(kwargs.pop("device", None))
         model, cfg = load_checkpoint_model(path, device)
         settings: dict[str, Any] = {"mean": cfg.data.mean, "std": cfg.data.std}
@@ -157,12 +170,15 @@ class Predictor:
                 batch_size=eval_cfg.batch_size,
             )
         settings.update(kwargs)
-        predictor = cls(model, device=device, **settings)
-        predictor.config = cfg
-        return predictor
+        return cls(model, device=device, config=cfg, **settings)
 
     # ------------------------------------------------------------------------------------------
     # tensors in, tensors out
+
+    @property
+    def views(self) -> list[tuple[float, bool]]:
+        """Test-time views as ``(scale, flipped)``; ``[(1.0, False)]`` means no augmentation."""
+        return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -170,12 +186,7 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of any size: pad to the output stride, run in chunks, crop back."""
-        h, w = x.shape[-2:]
-        m = self.pad_multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+        """Logits for a batch of any size, run in chunks of ``batch_size``."""
         outs = []
         with self._autocast():
             for chunk in x.split(self.batch_size):
@@ -183,9 +194,10 @@ class Predictor:
         logits = torch.cat(outs)
         if logits.shape[-2:] != x.shape[-2:]:
             raise RuntimeError(
-                f"model returned logits of size {tuple(logits.shape[-2:])} for input {tuple(x.shape[-2:])}"
+                f"model returned logits of size {tuple(logits.shape[-2:])} for input {tuple(x.shape[-2:])}; "
+                "Predictor needs a model that works at any input size (e.g. seg.models.Segmenter)"
             )
-        return logits[..., :h, :w]
+        return logits
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -207,51 +219,73 @@ class Predictor:
     def _single_view(self, x: torch.Tensor) -> torch.Tensor:
         return self._slide(x) if self.mode == "slide" else self._forward(x)
 
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class scores N,C,H,W for normalised images N,3,H,W.
+    def _view_probabilities(self, x: torch.Tensor, scale: float, flipped: bool) -> torch.Tensor:
+        """Softmax probabilities of one view, resized and mirrored back to the input's frame."""
+        h, w = x.shape[-2:]
+        if scale != 1.0:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if flipped:
+            x = x.flip(-1)
+        out = self._single_view(x)
+        if flipped:
+            out = out.flip(-1)
+        if out.shape[-2:] != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return out.softmax(1)
 
-        One view (scale 1, no flip): raw logits. Several views: softmax probabilities averaged over views
-        (each view resized back to H,W).
-        """
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch of images N,3,H,W, got shape {tuple(x.shape)}")
+        return x.to(self.device, torch.float32)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        # Evaluation inside training passes the training model: switch to eval and restore afterwards.
         was_training = self.model.training
         self.model.eval()
         try:
-            x = x.to(self.device, torch.float32)
-            h, w = x.shape[-2:]
-            views = [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
-            if views == [(1.0, False)]:
-                return self._single_view(x)
-            total = None
-            for scale, flipped in views:
-                xs = x
-                if scale != 1.0:
-                    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-                    xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-                if flipped:
-                    xs = xs.flip(-1)
-                out = self._single_view(xs)
-                if flipped:
-                    out = out.flip(-1)
-                if out.shape[-2:] != (h, w):
-                    out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-                prob = out.softmax(1)
-                total = prob if total is None else total + prob
-            return total / len(views)
+            yield
         finally:
             self.model.train(was_training)
 
     @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw logits N,C,H,W for normalised images N,3,H,W (whole or slide; one view only).
+
+        With test-time augmentation the views are combined as probabilities, which have no logits:
+        use :meth:`probabilities` then.
+        """
+        if self.views != [(1.0, False)]:
+            raise ValueError(
+                f"Predictor.logits needs a single view, got scales {self.scales} and flip {self.flip}; "
+                "test-time augmentation averages probabilities: use Predictor.probabilities"
+            )
+        x = self._checked(x)
+        with self._eval_mode():
+            return self._single_view(x)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities N,C,H,W for normalised images N,3,H,W, averaged over the TTA views."""
+        x = self._checked(x)
+        with self._eval_mode():
+            views = self.views
+            if views == [(1.0, False)]:
+                return self._single_view(x).softmax(1)
+            total = None
+            for scale, flipped in views:
+                prob = self._view_probabilities(x, scale, flipped)
+                total = prob if total is None else total + prob
+            return total / len(views)
+
+    @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor, return_probs: bool = False):
         """TrainId maps N,H,W (int64) of normalised images; ``return_probs`` adds N,C,H,W probabilities."""
-        scores = self.logits(x)
-        pred = scores.argmax(1)
-        if not return_probs:
-            return pred
-        single = len(self.scales) == 1 and not self.flip and self.scales[0] == 1.0
-        return pred, (scores.softmax(1) if single else scores)
+        if self.views == [(1.0, False)] and not return_probs:
+            return self.logits(x).argmax(1)  # argmax of logits = argmax of probabilities, without softmax
+        probs = self.probabilities(x)
+        return (probs.argmax(1), probs) if return_probs else probs.argmax(1)
 
     # ------------------------------------------------------------------------------------------
     # raw images in, numpy maps out

@@ -1,4 +1,8 @@
-"""``Segmenter``: encoder + head (+ auxiliary head) for inputs of any size, returning a dict of logits."""
+"""``Segmenter``: encoder + head (+ auxiliary head) for inputs of any size, returning a dict of logits.
+
+:func:`pad_to_multiple` is the one place where inputs are padded to the output stride: the Segmenter
+calls it on every forward pass, so ``Predictor`` and the exported graphs just call the model.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.config import ModelConfig
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad an N,C,H,W batch at the bottom/right so that H and W are multiples of ``multiple``.
+
+    ``F.pad`` is called even when nothing is missing: the amounts are computed from the tensor's shape,
+    so TorchScript tracing and ``torch.export`` record them as functions of the input size instead of
+    freezing a Python ``if`` at the example's size (exported graphs keep dynamic H, W). The unneeded pad
+    costs one copy of the input, small next to the network.
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    return F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple))
 
 
 class Segmenter(nn.Module):
@@ -38,10 +54,8 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dim() != 4:
             raise ValueError(f"expected an image batch of shape N,C,H,W, got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        pad_h, pad_w = (-h) % self.size_divisor, (-w) % self.size_divisor
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        h, w = x.shape[-2], x.shape[-1]
+        x = pad_to_multiple(x, self.size_divisor)
         size = x.shape[-2:]
         features = self.encoder(x)
         result = {"out": _upsample_crop(self.head(features), size, h, w)}
@@ -51,6 +65,7 @@ class Segmenter(nn.Module):
 
 
 def _upsample_crop(logits: torch.Tensor, size: torch.Size, h: int, w: int) -> torch.Tensor:
-    if logits.shape[-2:] != size:
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    # Unconditional, like the padding: a shape test here would be frozen by tracing. Heads predict at the
+    # output stride, so the resize is needed anyway (and is an identity at equal sizes).
+    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits[..., :h, :w]
