@@ -1,35 +1,178 @@
-"""Image and video files through a :class:`~seg.inference.Predictor`: trainId masks, colour masks, overlays.
+"""Image and video files: reading, writing, and segmenting them with a :class:`~seg.inference.Predictor`.
 
-Inputs are expanded from files, folders and glob patterns; videos are recognised by extension and read
-and written with OpenCV (same frame rate and size as the input).
+The dataset, evaluation, inference and the demo read and write images and videos through here (OpenCV
+underneath, RGB order everywhere above it); a failure is a :class:`MediaError` naming the file. Outputs per image are
+``<stem>_mask.png`` (raw trainIds), ``<stem>_color.png`` and ``<stem>_overlay.png``; a video becomes
+``<stem>_seg.mp4`` at the input's frame rate and size.
 """
 
 from __future__ import annotations
 
 import glob
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
-from seg.inference import Predictor
-from seg.visualize import colorize, overlay, side_by_side
+from seg.errors import UserError
+
+if TYPE_CHECKING:
+    from seg.inference import Predictor
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 SAVE_KINDS = ("mask", "color", "overlay")
 
 
-class MediaError(RuntimeError):
+class MediaError(UserError, RuntimeError):
     """An input cannot be read or an output cannot be written; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# images
+
+
+def read_image_rgb(path: str | Path) -> np.ndarray:
+    """Read an 8-bit colour image as RGB uint8 H,W,3; a missing, truncated or non-image file raises."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise MediaError(f"cannot read image {path}: file is missing, truncated or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str | Path, what: str = "mask") -> np.ndarray:
+    """Read a single-channel 8-bit PNG (labels, masks) as uint8 H,W; ``what`` names it in errors."""
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise MediaError(f"cannot read {what} {path}: file is missing, truncated or not an image")
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise MediaError(f"{what} {path} must be a single-channel 8-bit PNG, got shape {mask.shape} {mask.dtype}")
+    return mask
+
+
+def write_image(path: str | Path, array: np.ndarray) -> Path:
+    """Write an RGB H,W,3 or single-channel H,W (uint8 or uint16) image; the format follows the suffix.
+
+    Parent folders are created. Single-channel values are stored as they are (e.g. trainIds, labelIds).
+    """
+    path = Path(path)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise ValueError(f"write_image {path}: expected H,W or H,W,3, got shape {array.shape}")
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"write_image {path}: expected uint8 or uint16 values, got {array.dtype}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MediaError(f"cannot write {path}: {e.strerror or e}") from e
+    data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
+    if not cv2.imwrite(str(path), np.ascontiguousarray(data)):
+        raise MediaError(f"cannot write {path} (unwritable folder or unknown image suffix)")
+    return path
+
+
+def save_outputs(
+    image: np.ndarray, trainids: np.ndarray, out_dir: Path, stem: str, save: Iterable[str], opacity: float
+) -> list[Path]:
+    """Write ``<stem>_mask.png`` (raw trainIds), ``<stem>_color.png`` and ``<stem>_overlay.png`` as asked."""
+    # seg.visualize imports seg.data, which reads images through this module: import it on use.
+    from seg.visualize import colorize, overlay
+
+    written = []
+    color = colorize(trainids)
+    for kind in save:
+        path = out_dir / f"{stem}_{kind}.png"
+        if kind == "mask":
+            write_image(path, trainids.astype(np.uint8))
+        elif kind == "color":
+            write_image(path, color)
+        elif kind == "overlay":
+            write_image(path, overlay(image, color, opacity))
+        else:
+            raise ValueError(f"unknown output kind {kind!r}; expected some of {', '.join(SAVE_KINDS)}")
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# videos
 
 
 def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+class VideoReader:
+    """RGB frames of a video file in batches; ``fps``, ``size`` (W, H) and ``frame_count`` (0: unknown)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._cap = cv2.VideoCapture(str(self.path))
+        if not self._cap.isOpened():
+            raise MediaError(f"cannot open video {self.path}: missing, unsupported or not a video")
+        self.fps = float(self._cap.get(cv2.CAP_PROP_FPS))
+        self.size = (int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        self.frame_count = max(0, int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        if not self.fps > 0 or min(self.size) <= 0:
+            self.close()
+            w, h = self.size
+            raise MediaError(f"cannot read video {self.path}: frame rate {self.fps}, size {w}x{h}")
+
+    def batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
+        """Consecutive frames, ``batch_size`` at a time (the last batch may be shorter)."""
+        while True:
+            batch = []
+            while len(batch) < batch_size:
+                ok, frame = self._cap.read()
+                if not ok:
+                    break
+                batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            if not batch:
+                return
+            yield batch
+
+    def close(self) -> None:
+        self._cap.release()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VideoWriter:
+    """Writes RGB frames of one size to an mp4 file (OpenCV's ``mp4v`` codec)."""
+
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MediaError(f"cannot write video {self.path}: {e.strerror or e}") from e
+        self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not self._writer.isOpened():
+            raise MediaError(f"cannot write video {self.path} (OpenCV mp4v writer)")
+
+    def write(self, frame_rgb: np.ndarray) -> None:
+        self._writer.write(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        self._writer.release()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# segmenting files
 
 
 def expand_inputs(inputs: Iterable[str]) -> tuple[list[tuple[Path, str]], list[str]]:
@@ -62,40 +205,6 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[tuple[Path, str]], list[s
     return found, errors
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise MediaError(f"cannot read image {path}: missing, truncated or not an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _write(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
-    if not cv2.imwrite(str(path), data):
-        raise MediaError(f"cannot write {path}")
-
-
-def save_outputs(
-    image: np.ndarray, trainids: np.ndarray, out_dir: Path, stem: str, save: Iterable[str], opacity: float
-) -> list[Path]:
-    """Write ``<stem>_mask.png`` (raw trainIds), ``<stem>_color.png`` and ``<stem>_overlay.png`` as asked."""
-    written = []
-    color = colorize(trainids)
-    for kind in save:
-        path = out_dir / f"{stem}_{kind}.png"
-        if kind == "mask":
-            _write(path, trainids.astype(np.uint8))
-        elif kind == "color":
-            _write(path, color)
-        elif kind == "overlay":
-            _write(path, overlay(image, color, opacity))
-        else:
-            raise ValueError(f"unknown output kind {kind!r}; expected some of {', '.join(SAVE_KINDS)}")
-        written.append(path)
-    return written
-
-
 def segment_images(
     predictor: Predictor,
     files: list[tuple[Path, str]],
@@ -124,7 +233,7 @@ def segment_images(
 
     for path, stem in files:
         try:
-            image = read_rgb(path)
+            image = read_image_rgb(path)
         except MediaError as e:
             if on_error is None:
                 raise
@@ -165,60 +274,38 @@ def segment_video(
 ) -> VideoStats:
     """Write ``dst``: every frame of ``src`` as an overlay (``layout='overlay'``) or next to its colour
     mask (``'side'``, twice as wide), at the input's frame rate. Returns timing statistics."""
+    from seg.visualize import colorize, overlay, side_by_side  # on use: see save_outputs
+
     if layout not in ("overlay", "side"):
         raise ValueError(f"layout must be 'overlay' or 'side', got {layout!r}")
     start = time.perf_counter()
-    cap = cv2.VideoCapture(str(src))
-    if not cap.isOpened():
-        raise MediaError(f"cannot open video {src}: missing, unsupported or not a video")
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    if not fps or fps <= 0 or width <= 0 or height <= 0:
-        cap.release()
-        raise MediaError(f"cannot read video {src}: frame rate {fps}, size {width}x{height}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    out_size = (2 * width, height) if layout == "side" else (width, height)
-    writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, out_size)
-    if not writer.isOpened():
-        cap.release()
-        raise MediaError(f"cannot write video {dst} (OpenCV mp4v writer)")
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=src.name, unit="frame", dynamic_ncols=True)
     frames, model_seconds = 0, 0.0
-    try:
-        while True:
-            batch = []
-            while len(batch) < predictor.batch_size:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-            if not batch:
-                break
-            t0 = time.perf_counter()
-            maps = predictor(batch)
-            if predictor.device.type == "cuda":
-                torch.cuda.synchronize(predictor.device)
-            model_seconds += time.perf_counter() - t0
-            for rgb, m in zip(batch, maps, strict=True):
-                color = colorize(m)
-                view = overlay(rgb, color, opacity)
-                if layout == "side":
-                    view = side_by_side(view, color)
-                writer.write(cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
-            frames += len(batch)
+    with VideoReader(src) as reader:
+        width, height = reader.size
+        out_size = (2 * width, height) if layout == "side" else (width, height)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=reader.frame_count or None, desc=src.name, unit="frame", dynamic_ncols=True)
+        try:
+            with VideoWriter(dst, reader.fps, out_size) as writer:
+                for batch in reader.batches(predictor.batch_size):
+                    t0 = time.perf_counter()
+                    maps = predictor(batch)
+                    if predictor.device.type == "cuda":
+                        torch.cuda.synchronize(predictor.device)
+                    model_seconds += time.perf_counter() - t0
+                    for rgb, m in zip(batch, maps, strict=True):
+                        color = colorize(m)
+                        view = overlay(rgb, color, opacity)
+                        writer.write(side_by_side(view, color) if layout == "side" else view)
+                    frames += len(batch)
+                    if bar is not None:
+                        bar.update(len(batch))
+        finally:
             if bar is not None:
-                bar.update(len(batch))
-    finally:
-        cap.release()
-        writer.release()
-        if bar is not None:
-            bar.close()
+                bar.close()
     if frames == 0:
         raise MediaError(f"cannot read video {src}: no frame could be decoded")
-    return VideoStats(frames, fps, (width, height), model_seconds, time.perf_counter() - start, dst)
+    return VideoStats(frames, reader.fps, reader.size, model_seconds, time.perf_counter() - start, dst)

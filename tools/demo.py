@@ -15,17 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from seg.config import load_config
-from seg.data import CityscapesDataset, build_transforms, read_image_rgb
+from seg.data import CityscapesDataset, build_transforms
 from seg.data.labels import CLASS_NAMES
 from seg.data.synthetic import VIDEO_NAME, generate
 from seg.engine import DistInfo, latest_checkpoint, load_checkpoint, train
 from seg.evaluation import build_eval_loader, evaluate, format_table
 from seg.inference import Predictor
+from seg.media import read_image_rgb, write_image
 from seg.visualize import colorize, overlay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +78,8 @@ def main() -> int:
         image = read_image_rgb(image_path)
         color = colorize(np.asarray(predictor(image)))
         stem = Path(image_path).name.replace("_leftImg8bit.png", "")
-        cv2.imwrite(str(mask_dir / f"{stem}_color.png"), color[:, :, ::-1])
-        cv2.imwrite(str(mask_dir / f"{stem}_overlay.png"), overlay(image, color, 0.5)[:, :, ::-1])
+        write_image(mask_dir / f"{stem}_color.png", color)
+        write_image(mask_dir / f"{stem}_overlay.png", overlay(image, color, 0.5))
 
     # 5. the synthetic video, colored by tools/infer.py
     video_out, video_failed = None, False

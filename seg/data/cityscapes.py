@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from seg.data.labels import IGNORE_INDEX, NUM_CLASSES, label_to_train
+from seg.errors import UserError
+from seg.media import MediaError, read_image_rgb, read_mask
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -34,28 +35,16 @@ No download is needed to try the project: `make demo` uses a generated synthetic
 (`python tools/make_synthetic_cityscapes.py --root datasets/synthetic_cityscapes`)."""
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """The dataset on disk is missing, incomplete or unreadable; the message names the path."""
 
 
-def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Read an 8-bit colour image as RGB uint8 HxWx3; a missing, truncated or non-image file raises."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DatasetError(f"cannot read image {path}: file is missing, truncated or not an image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
 def read_label(path: str | Path) -> np.ndarray:
-    """Read a single-channel 8-bit label PNG as uint8 HxW; anything else raises."""
-    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if lab is None:
-        raise DatasetError(f"cannot read label {path}: file is missing, truncated or not an image")
-    if lab.ndim != 2 or lab.dtype != np.uint8:
-        raise DatasetError(
-            f"label {path} must be a single-channel 8-bit PNG, got shape {lab.shape} {lab.dtype}"
-        )
-    return lab
+    """Read a single-channel 8-bit label PNG as uint8 HxW; anything else raises :class:`DatasetError`."""
+    try:
+        return read_mask(path, "label")
+    except MediaError as e:
+        raise DatasetError(str(e)) from None
 
 
 class CityscapesDataset(Dataset):
@@ -109,7 +98,10 @@ class CityscapesDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw pair: RGB uint8 HxWx3 image and uint8 HxW trainId mask (255 = ignore)."""
         image_path, label_path = self.files[index]
-        image = read_image_rgb(image_path)
+        try:
+            image = read_image_rgb(image_path)
+        except MediaError as e:  # in a dataset, an unreadable image is a dataset problem
+            raise DatasetError(str(e)) from None
         if label_path is None:
             return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         label = read_label(label_path)

@@ -24,6 +24,8 @@ from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image, ImageDraw
 
 from seg.data.labels import LABEL_IDS
+from seg.errors import UserError
+from seg.media import MediaError
 
 # Distinct (fictional, underscore-free: cityscapesscripts splits file names on '_') cities per split.
 CITIES: dict[str, tuple[str, ...]] = {
@@ -37,6 +39,10 @@ MAX_SIZE = (1024, 2048)
 MIN_SIZE = (32, 64)
 
 Polygon = list[tuple[float, float]]
+
+
+class SyntheticError(UserError, ValueError):
+    """A synthetic-set parameter (size, image count) is out of range; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +566,7 @@ def render(
 
 def _save_png(path: Path, array: np.ndarray) -> None:
     if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path}")
+        raise MediaError(f"cannot write {path} (unwritable folder?)")
 
 
 def write_sample(rng: np.random.Generator, scene: Scene, image_path: Path, gt_prefix: Path | None) -> None:
@@ -587,7 +593,7 @@ def write_sample(rng: np.random.Generator, scene: Scene, image_path: Path, gt_pr
 
 def _check_size(height: int, width: int) -> None:
     if not (MIN_SIZE[0] <= height <= MAX_SIZE[0] and MIN_SIZE[1] <= width <= MAX_SIZE[1]):
-        raise ValueError(
+        raise SyntheticError(
             f"synthetic image size {height}x{width} (HxW) out of range: height {MIN_SIZE[0]}..{MAX_SIZE[0]}, "
             f"width {MIN_SIZE[1]}..{MAX_SIZE[1]}"
         )
@@ -601,7 +607,7 @@ def write_video(path: Path, frames: int, height: int, width: int, seed: int, fps
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write an mp4v video at {path}")
+        raise MediaError(f"cannot write video {path} (OpenCV mp4v writer)")
     try:
         for t in range(frames):
             objects = scene.objects(float(t))
@@ -632,7 +638,7 @@ def generate(
     root = Path(root)
     for split_no, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
         if count < 0:
-            raise ValueError(f"number of {split} images must be >= 0, got {count}")
+            raise SyntheticError(f"number of {split} images must be >= 0, got {count}")
         cities = CITIES[split]
         for i in range(count):
             rng = np.random.default_rng([seed, split_no, i])

@@ -20,22 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from seg.data.labels import train_to_label
+from seg.errors import UserError
+from seg.media import write_image
 
 _CORE_NAME = re.compile(r"^(?P<city>[^_]+)_(?P<seq>\d+)_(?P<frame>\d+)(?:_|\.|$)")
 
 
-class OfficialEvalError(RuntimeError):
-    """The official evaluator rejected its input; the message is the evaluator's own."""
+class OfficialEvalError(UserError, RuntimeError):
+    """The official evaluator cannot run on its input (missing ground truth or predictions, a file name
+    that is not a Cityscapes name) or rejected it; the message names the file, or is the evaluator's own."""
 
 
 def core_name(path: str | Path) -> str:
     """``<city>_<seq>_<frame>`` of a Cityscapes file name (image, ground truth or prediction)."""
     m = _CORE_NAME.match(Path(path).name)
     if m is None:
-        raise ValueError(
+        raise OfficialEvalError(
             f"{path}: not a Cityscapes file name (expected <city>_<seq>_<frame>_..., e.g. "
             "aachen_000000_000019_leftImg8bit.png)"
         )
@@ -48,19 +50,16 @@ def prediction_path(out_dir: str | Path, image_path: str | Path) -> Path:
 
 
 def save_label_ids(trainids: np.ndarray, path: str | Path) -> Path:
-    """Write a trainId map as a labelId PNG (uint8, mode L), the official evaluator's input format."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(train_to_label(np.asarray(trainids)).astype(np.uint8), mode="L").save(path)
-    return path
+    """Write a trainId map as a single-channel uint8 labelId PNG, the official evaluator's input format."""
+    return write_image(path, train_to_label(np.asarray(trainids)).astype(np.uint8))
 
 
 def ground_truth_files(root: str | Path, split: str = "val") -> list[Path]:
+    """The labelId ground-truth PNGs of ``split``, sorted; none is an :class:`OfficialEvalError`."""
+    pattern = Path(root, "gtFine", split, "*", "*_gtFine_labelIds.png")
     files = sorted(Path(root, "gtFine", split).glob("*/*_gtFine_labelIds.png"))
     if not files:
-        raise FileNotFoundError(
-            f"no ground truth found: {Path(root, 'gtFine', split, '*', '*_gtFine_labelIds.png')}"
-        )
+        raise OfficialEvalError(f"no ground truth for the official evaluator: nothing matches {pattern}")
     return files
 
 
