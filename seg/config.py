@@ -15,150 +15,177 @@ from typing import Any
 
 import yaml
 
+from seg.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"key '{key}' has value {value!r}, expected one of {', '.join(map(str, choices))}")
+def opt(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    length: int | None = None,
+) -> Any:
+    """A config field with its checks: a choice, bounds (on the value or on every list item), a list length.
+
+    The checks are data on the field, run by :meth:`_Section.__post_init__` for every section, so each
+    rule is written once, next to the field it guards.
+    """
+    rules = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "length": length}
+    metadata = {k: v for k, v in rules.items() if v is not None}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check_value(key: str, value: Any, rules: typing.Mapping[str, Any]) -> None:
+    if value is None:  # optional fields: None means "off" and has no range
+        return
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"key '{key}' has value {value!r}, expected one of {', '.join(map(str, rules['choices']))}")
+    if "length" in rules and len(value) != rules["length"]:
+        raise ConfigError(f"key '{key}' has value {value!r}, expected a list of {rules['length']} values")
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not items:
+        raise ConfigError(f"key '{key}' is an empty list, expected at least one value")
+    bounds = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
+    for name, sign, ok in bounds:
+        if name in rules and not all(ok(v, rules[name]) for v in items):
+            what = "every value" if isinstance(value, list) else "a value"
+            raise ConfigError(f"key '{key}' has value {value!r}, expected {what} {sign} {rules[name]}")
+
+
+class _Section:
+    """Base of the config sections: checks every field's rules (see :func:`opt`) on construction."""
+
+    _key: typing.ClassVar[str] = ""  # where the section sits in a config file, e.g. "model.deconv"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_value(f"{self._key}.{f.name}".lstrip("."), getattr(self, f.name), f.metadata)
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve several fields; a section overrides it when it has any."""
 
 
 @dataclass
-class DeconvConfig:
+class DeconvConfig(_Section):
     """Settings of network deconvolution (``norm: deconv``); defaults are the reference's."""
 
-    block: int = 64
-    sampling_stride: int = 3
-    n_iter: int = 5
-    eps: float = 1e-5
-    momentum: float = 0.1
+    _key = "model.deconv"
+    block: int = opt(64, ge=1)
+    sampling_stride: int = opt(3, ge=1)
+    n_iter: int = opt(5, ge=1)
+    eps: float = opt(1e-5, gt=0)
+    momentum: float = opt(0.1, gt=0, le=1)
     # The layer that sees the RGB image: more iterations (its covariance is ill-conditioned) and
     # statistics refreshed only periodically, as in the reference.
-    stem_n_iter: int = 15
+    stem_n_iter: int = opt(15, ge=1)
     stem_freeze: bool = True
-    stem_freeze_iter: int = 100
-    # Cross-process statistics; training turns it on by itself when the world size is above 1.
+    stem_freeze_iter: int = opt(100, ge=1)
+    # Cross-process statistics; build_model turns it on by itself when the world size is above 1.
     sync: bool = False
     # Deconvolve the final 1x1 classifier too (the reference heads do).
     classifier: bool = True
     # Speed option that changes the mathematics (1 = off, the reference operator): every non-stem layer
     # computes its whitening matrix only every k training steps; in between it keeps the matrix, rescaled
     # to the batch's mean variance, with the batch's mean (see benchmarks/README.md for cost and mIoU).
-    stats_every: int = 1
+    stats_every: int = opt(1, ge=1)
     # Speed option that changes the mathematics (true = the reference): false treats every non-stem layer's
     # whitening matrix as a constant in the backward pass (the mean keeps its gradient).
     matrix_grad: bool = True
 
-    def __post_init__(self) -> None:
-        for key in ("block", "sampling_stride", "n_iter", "stem_n_iter", "stem_freeze_iter", "stats_every"):
-            value = getattr(self, key)
-            if value < 1:
-                raise ConfigError(f"key 'model.deconv.{key}' must be >= 1, got {value}")
-
 
 @dataclass
-class ModelConfig:
-    arch: str = "deeplabv3"  # deeplabv3 | deeplabv3plus | fcn
+class ModelConfig(_Section):
+    _key = "model"
+    arch: str = opt("deeplabv3", choices=("deeplabv3", "deeplabv3plus", "fcn"))
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
-    output_stride: int = 8  # 8 | 16
-    norm: str = "deconv"  # deconv | bn
+    output_stride: int = opt(8, choices=(8, 16))
+    norm: str = opt("deconv", choices=("deconv", "bn"))
     deconv: DeconvConfig = field(default_factory=DeconvConfig)
     aux_loss: bool = False  # auxiliary FCN head on the stride-16 stage
-    num_classes: int = 19
+    num_classes: int = opt(19, ge=1)
     pretrained: str | None = None  # local file of encoder or model weights; nothing is downloaded
-
-    def __post_init__(self) -> None:
-        _check_choice("model.arch", self.arch, ("deeplabv3", "deeplabv3plus", "fcn"))
-        _check_choice("model.output_stride", self.output_stride, (8, 16))
-        _check_choice("model.norm", self.norm, ("deconv", "bn"))
-        if self.num_classes < 1:
-            raise ConfigError(f"key 'model.num_classes' must be >= 1, got {self.num_classes}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    _key = "data"
     root: str = "datasets/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
-    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # H, W
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    hflip_prob: float = 0.5
+    crop_size: list[int] = opt(factory=lambda: [512, 1024], length=2, ge=1)  # H, W
+    scale_range: list[float] = opt(factory=lambda: [0.5, 2.0], length=2, gt=0)  # min, max
+    hflip_prob: float = opt(0.5, ge=0, le=1)
     # Photometric jitter strengths (0 disables each).
-    brightness: float = 0.25
-    contrast: float = 0.25
-    saturation: float = 0.25
-    hue: float = 0.0
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    num_workers: int = 4
+    brightness: float = opt(0.25, ge=0)
+    contrast: float = opt(0.25, ge=0)
+    saturation: float = opt(0.25, ge=0)
+    hue: float = opt(0.0, ge=0, le=0.5)
+    mean: list[float] = opt(factory=lambda: [0.485, 0.456, 0.406], length=3)
+    std: list[float] = opt(factory=lambda: [0.229, 0.224, 0.225], length=3, gt=0)
+    num_workers: int = opt(4, ge=0)
 
-    def __post_init__(self) -> None:
-        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
-            raise ConfigError(f"key 'data.crop_size' must be [height, width] > 0, got {self.crop_size}")
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ConfigError(f"key 'data.scale_range' needs [min, max], 0 < min <= max: {self.scale_range}")
-        if not 0 <= self.hflip_prob <= 1:
-            raise ConfigError(f"key 'data.hflip_prob' must be in [0, 1], got {self.hflip_prob}")
-        for key in ("brightness", "contrast", "saturation"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"key 'data.{key}' must be >= 0, got {getattr(self, key)}")
-        if not 0 <= self.hue <= 0.5:
-            raise ConfigError(f"key 'data.hue' must be in [0, 0.5], got {self.hue}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"keys 'data.mean'/'data.std' need 3 values, std > 0: {self.mean}, {self.std}")
-        if self.num_workers < 0:
-            raise ConfigError(f"key 'data.num_workers' must be >= 0, got {self.num_workers}")
+    def check(self) -> None:
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ConfigError(f"key 'data.scale_range' has value {self.scale_range}, expected [min, max] with min <= max")
 
 
 @dataclass
-class TrainConfig:
-    batch_size: int = 8  # per process
-    iterations: int = 11160  # 30 epochs of 2975 images at batch 8
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    warmup_ratio: float = 0.1
-    aux_weight: float = 0.4
-    grad_clip: float | None = None
-    amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | none
-    ignore_index: int = 255
-    seed: int = 0
-    log_interval: int = 20
-    val_interval: int = 1000
-    checkpoint_interval: int = 500
-    val_max_images: int | None = None  # validate on a subset (None: the whole split)
-
-    def __post_init__(self) -> None:
-        _check_choice("train.amp", self.amp, ("auto", "bf16", "fp16", "none"))
+class TrainConfig(_Section):
+    _key = "train"
+    batch_size: int = opt(8, ge=1)  # per process
+    iterations: int = opt(11160, ge=1)  # 30 epochs of 2975 images at batch 8
+    lr: float = opt(0.1, gt=0)
+    momentum: float = opt(0.9, ge=0, lt=1)
+    weight_decay: float = opt(1e-4, ge=0)
+    poly_power: float = opt(0.9, ge=0)
+    warmup_iters: int = opt(0, ge=0)
+    warmup_ratio: float = opt(0.1, ge=0, le=1)
+    aux_weight: float = opt(0.4, ge=0)
+    grad_clip: float | None = opt(None, gt=0)  # max gradient norm (null: no clipping)
+    # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | none
+    amp: str = opt("auto", choices=("auto", "bf16", "fp16", "none"))
+    ignore_index: int = opt(255, ge=0)
+    seed: int = opt(0, ge=0)
+    log_interval: int = opt(20, ge=1)
+    val_interval: int = opt(1000, ge=1)
+    checkpoint_interval: int = opt(500, ge=1)
+    val_max_images: int | None = opt(None, ge=1)  # validate on a subset (null: the whole split)
 
 
 @dataclass
-class EvalConfig:
-    mode: str = "whole"  # whole | slide
-    crop_size: list[int] = field(default_factory=lambda: [1024, 1024])
-    stride: list[int] = field(default_factory=lambda: [768, 768])
-    scales: list[float] = field(default_factory=lambda: [1.0])
+class EvalConfig(_Section):
+    _key = "eval"
+    mode: str = opt("whole", choices=("whole", "slide"))
+    crop_size: list[int] = opt(factory=lambda: [1024, 1024], length=2, ge=1)  # slide windows, H, W
+    stride: list[int] = opt(factory=lambda: [768, 768], length=2, ge=1)
+    scales: list[float] = opt(factory=lambda: [1.0], gt=0)
     flip: bool = False
-    batch_size: int = 1
+    batch_size: int = opt(1, ge=1)
     # Reference-compatible scoring (NOT the benchmark metric): 21 outputs with void as class 0,
     # IoU averaged over all 21, images resized to short side 520.
     reference_compat: bool = False
 
-    def __post_init__(self) -> None:
-        _check_choice("eval.mode", self.mode, ("whole", "slide"))
-
 
 @dataclass
-class Config:
+class Config(_Section):
+    task: str = opt("segmentation", choices=("segmentation",))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    work_dir: str | None = None  # default: work_dirs/<config file stem>
+    work_dir: str | None = None  # default: checkpoints/<config file stem>
 
 
 # --------------------------------------------------------------------------------------------

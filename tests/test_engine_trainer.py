@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import seg.engine.trainer as trainer_module
-from seg.config import Config, from_dict, load_config
-from seg.engine import DataRootError, DistInfo, NonFiniteLossError, load_checkpoint, train
+from seg.checkpoint import CheckpointError
+from seg.config import Config, ConfigError, from_dict, load_config
+from seg.engine import DistInfo, NonFiniteLossError, load_checkpoint, train
+from seg.tasks import DataRootError, SegmentationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -48,7 +49,7 @@ def test_a_few_iterations_write_everything(synthetic_root: Path, tmp_path: Path)
     assert (result.status, result.iteration) == ("finished", 3)
     ckpt = load_checkpoint(tmp_path / "last.pth")  # weights_only=True inside
     assert ckpt["iteration"] == 3
-    assert set(ckpt) >= {"model", "config", "optimizer", "scheduler", "scaler", "rng", "best_miou"}
+    assert set(ckpt) >= {"model", "config", "optimizer", "scheduler", "scaler", "rng", "best_metric"}
     assert from_dict(ckpt["config"]).model == cfg.model
     assert (tmp_path / "best.pth").is_file() and (tmp_path / "config.yaml").is_file()
     assert load_config(tmp_path / "config.yaml").train == cfg.train
@@ -84,15 +85,15 @@ def test_resume_equals_an_uninterrupted_run(synthetic_root: Path, tmp_path: Path
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = trainer_module.F.cross_entropy
+    real = SegmentationTask.loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):  # finite for two iterations, then NaN
+    def poisoned(self, *args, **kwargs):  # finite for two iterations, then NaN
         calls["n"] += 1
-        loss = real(*args, **kwargs)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(trainer_module.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(SegmentationTask, "loss", poisoned)
     cfg = tiny_cfg(synthetic_root, "train.checkpoint_interval=1", "train.iterations=6")
     with pytest.raises(NonFiniteLossError, match="iteration 3"):
         train(cfg, CPU, tmp_path, show_progress=False)
@@ -109,5 +110,42 @@ def test_missing_dataset_points_to_make_demo(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_is_an_error(synthetic_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="last.pth"):
+    with pytest.raises(CheckpointError, match="last.pth"):
         train(tiny_cfg(synthetic_root), CPU, tmp_path, resume=True, show_progress=False)
+
+
+REAL_EVALUATE = SegmentationTask.evaluate
+
+
+def _scripted_validation(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    """Validation returns the given mIoUs in turn (the real metrics otherwise): a controlled best-model test."""
+    queue = list(values)
+
+    def scripted(self, *args, **kwargs):
+        metrics = REAL_EVALUATE(self, *args, **kwargs)
+        metrics["miou"] = queue.pop(0)
+        return metrics
+
+    monkeypatch.setattr(SegmentationTask, "evaluate", scripted)
+
+
+def test_best_checkpoint_is_the_highest_validation_and_survives_resume(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_cfg(synthetic_root, "train.iterations=4", "train.val_interval=1")
+    _scripted_validation(monkeypatch, [0.3, 0.5, 0.4])
+    assert train(cfg, CPU, tmp_path, show_progress=False, stop_after=3).best_metric == 0.5
+    best = load_checkpoint(tmp_path / "best.pth")
+    assert (best["iteration"], best["best_metric"]) == (2, 0.5)
+    # After resuming, a score below the best (0.45 < 0.5) must leave best.pth alone.
+    _scripted_validation(monkeypatch, [0.45])
+    result = train(cfg, CPU, tmp_path, resume=True, show_progress=False)
+    assert (result.iteration, result.best_metric) == (4, 0.5)
+    assert load_checkpoint(tmp_path / "best.pth")["iteration"] == 2
+    assert load_checkpoint(tmp_path / "last.pth")["best_metric"] == 0.5
+    assert [r["miou"] for r in _records(tmp_path, "val")] == [0.3, 0.5, 0.4, 0.45]
+
+
+def test_batch_larger_than_the_dataset_names_the_key(synthetic_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        train(tiny_cfg(synthetic_root, "train.batch_size=64"), CPU, tmp_path, show_progress=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from seg.engine import load_checkpoint
+from seg.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,8 @@ def test_two_process_torchrun_ends_with_identical_weights(synthetic_root: Path, 
     assert len(final) == 1 and len(final[0]["fingerprints"]) == 2
     assert final[0]["fingerprints"][0] == final[0]["fingerprints"][1]
     ckpt = load_checkpoint(tmp_path / "last.pth")
-    assert ckpt["iteration"] == 3 and ckpt["config"]["model"]["deconv"]["sync"] is True
+    # Equal fingerprints include the deconvolution running statistics, which differ unless synced.
+    assert ckpt["iteration"] == 3
     assert len(ckpt["rng"]) == 2  # each rank's random streams, for an exact resume
     assert [v["iteration"] for v in _records(tmp_path, "val")] == [3]
 

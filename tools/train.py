@@ -1,31 +1,31 @@
-"""Train a segmentation model from a YAML config, in one process or under torchrun.
+"""Train a model from a YAML config, in one process or under torchrun.
 
     python tools/train.py configs/demo.yaml
     python tools/train.py configs/deeplab_deconv.yaml --opts train.lr=0.05 data.num_workers=8
     torchrun --standalone --nproc_per_node=4 tools/train.py configs/deeplab_deconv.yaml
     python tools/train.py configs/deeplab_deconv.yaml --resume            # latest checkpoint of the run folder
 
-Exit codes: 0 finished, 1 error (NaN loss, bad data, ...), 2 bad config/arguments,
-128 + signal number when stopped by SIGINT/SIGTERM (a checkpoint was saved first).
+The run folder is checkpoints/<config name>/ unless the config's work_dir or --work-dir says otherwise.
+
+Exit codes: 0 finished, 1 error (NaN loss, missing or unreadable data, bad checkpoint, ...), 2 bad config or
+arguments, 128 + signal number when stopped by SIGINT/SIGTERM (a checkpoint was saved first). Expected
+errors print one `error: ...` message and no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 from seg.config import ConfigError, dump_yaml, load_config
-from seg.engine import (
-    DataRootError,
-    NonFiniteLossError,
-    elastic_restart_count,
-    finish,
-    init_distributed,
-    latest_checkpoint,
-    train,
-)
+from seg.engine import elastic_restart_count, finish, init_distributed, latest_checkpoint, train
+from seg.errors import UserError, error_message
+from seg.tasks import TASKS
+
+RUNS = Path("checkpoints")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config overrides, e.g. train.lr=0.05 model.encoder=resnet101",
     )
-    p.add_argument("--work-dir", help="run folder (default: the config's work_dir, else work_dirs/<config name>)")
+    p.add_argument("--work-dir", help="run folder (default: the config's work_dir, else checkpoints/<config name>)")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -52,41 +52,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.opts)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    work_dir = Path(args.work_dir or cfg.work_dir or Path("work_dirs") / Path(args.config).stem)
-
-    info = init_distributed(args.device)
+    work_dir = Path(args.work_dir or cfg.work_dir or RUNS / Path(args.config).stem)
+    try:
+        info = init_distributed(args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     resume = args.resume
     if resume is None and elastic_restart_count() > 0 and latest_checkpoint(work_dir) is not None:
         # torchrun --max-restarts restarted the workers after a failure: continue where the last save was.
         resume = True
     if info.is_main:
         print(dump_yaml(cfg), flush=True)
-
     code = 0
     try:
         result = train(cfg, info, work_dir, resume=resume, show_progress=not args.no_progress)
         if result.status == "interrupted":
-            import signal
-
             code = 128 + int(getattr(signal, result.signal_name or "SIGTERM", signal.SIGTERM))
         elif info.is_main:
-            miou = "n/a" if result.best_miou is None else f"{100 * result.best_miou:.2f}"
-            print(f"done: {result.iteration} iterations, best val mIoU {miou}; checkpoints in {work_dir}")
-    except (DataRootError, NonFiniteLossError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            best = "n/a" if result.best_metric is None else f"{100 * result.best_metric:.2f}"
+            label = TASKS[cfg.task].metric_label
+            print(f"done: {result.iteration} iterations, best val {label} {best}; checkpoints in {work_dir}")
+    except ConfigError as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        code = 2
+    except UserError as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
         code = 1
     except Exception:
         traceback.print_exc()
         code = 1
     finish(info, code)  # under torchrun: destroy the group and os._exit, never a gloo abort at shutdown
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seg.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,9 +38,9 @@ def resolve_device(name: str | None) -> torch.device:
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be 'cpu' or 'cuda', got {name!r}")
+        raise UserError(f"--device must be 'cpu' or 'cuda', got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but torch sees no CUDA device (use --device cpu)")
+        raise UserError("--device cuda was requested but torch sees no CUDA device (use --device cpu)")
     return torch.device(name)
 
 

@@ -16,8 +16,6 @@ class PolyWarmup:
     """
 
     def __init__(self, total: int, power: float = 0.9, warmup_iters: int = 0, warmup_ratio: float = 0.1) -> None:
-        if total < 1:
-            raise ValueError(f"train.iterations must be >= 1, got {total}")
         self.total = total
         self.power = power
         self.warmup_iters = warmup_iters

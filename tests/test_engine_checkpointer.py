@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes, weights_only loading, RNG state round trips."""
+"""Atomic checkpoint writes, weights_only loading, RNG state round trips, the best-model decision."""
 
 from __future__ import annotations
 
@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from seg.engine.checkpoint import (
-    CheckpointError,
-    capture_rng,
-    latest_checkpoint,
-    load_checkpoint,
-    params_finite,
-    restore_rng,
-    save_checkpoint,
-)
+from seg.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from seg.engine.checkpointer import capture_rng, params_finite, restore_rng
 
 
 def _draws() -> tuple[torch.Tensor, np.ndarray, list[float]]:

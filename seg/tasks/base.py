@@ -1,0 +1,59 @@
+"""The task seam: what differs between segmentation and classification, behind one small interface.
+
+The training loop (:mod:`seg.engine.trainer`) knows only :class:`Task`: it asks the task for datasets, a
+model, the loss of a batch and validation metrics, and never looks at what the targets are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from seg.config import Config
+from seg.engine.writers import Event
+from seg.errors import UserError
+
+
+class DataRootError(UserError):
+    """The configured dataset is missing or unusable (the dataset's message plus what to do)."""
+
+
+class Task(ABC):
+    """One kind of training problem. ``metric`` names the validation value that picks ``best.pth``."""
+
+    metric: str  # key in the validation metrics
+    metric_label: str  # how logs name it
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, val) datasets of ``(input, target)`` samples; raises :class:`DataRootError`."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model of ``cfg.model`` (synced statistics and SyncBatchNorm under a process group)."""
+
+    @abstractmethod
+    def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch (computed in float32)."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+    ) -> dict[str, Any]:
+        """Validation metrics over ``loader`` (every sample counted once across processes); holds ``metric``."""
+
+    @abstractmethod
+    def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
+        """What the writers record of a validation (rank 0 only)."""
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch as (inputs, targets) on ``device``."""
+        inputs, targets = batch
+        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True).long()

@@ -1,0 +1,100 @@
+"""Semantic segmentation (Cityscapes layout): pixel cross-entropy, mIoU over the classes, images in TensorBoard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from seg.data import CityscapesDataset, DatasetError, build_transforms
+from seg.data.labels import CLASS_NAMES
+from seg.engine.writers import Event
+from seg.evaluation import evaluate
+from seg.inference import Predictor
+from seg.models import build_model
+from seg.tasks.base import DataRootError, Task
+from seg.visualize import colorize
+
+DEMO_HINT = (
+    "Set data.root (e.g. --opts data.root=/path/to/cityscapes) to a Cityscapes folder, or try the project "
+    "without a download: `make demo` generates a synthetic Cityscapes and trains on it."
+)
+
+
+def denormalize(image: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    """A normalised 3xHxW tensor back to an HxWx3 uint8 RGB array."""
+    img = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+class SegmentationTask(Task):
+    metric = "miou"
+    metric_label = "mIoU"
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        data = self.cfg.data
+        try:
+            train_set = CityscapesDataset(data.root, data.train_split, build_transforms(data, train=True))
+            val_set = CityscapesDataset(data.root, data.val_split, build_transforms(data, train=False))
+        except DatasetError as e:
+            raise DataRootError(f"{e}\n\n{DEMO_HINT}") from e
+        limit = self.cfg.train.val_max_images
+        self.val_set = val_set if limit is None else Subset(val_set, range(min(limit, len(val_set))))
+        return train_set, self.val_set
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        ignore, aux_weight = self.cfg.train.ignore_index, self.cfg.train.aux_weight
+        loss = F.cross_entropy(outputs["out"].float(), targets, ignore_index=ignore)
+        if "aux" in outputs and aux_weight > 0:
+            loss = loss + aux_weight * F.cross_entropy(outputs["aux"].float(), targets, ignore_index=ignore)
+        return loss
+
+    def _predictor(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> Predictor:
+        ev, data = self.cfg.eval, self.cfg.data
+        return Predictor(
+            model, mean=data.mean, std=data.std, mode=ev.mode, crop_size=ev.crop_size, stride=ev.stride,
+            device=device, amp_dtype=amp_dtype, batch_size=ev.batch_size,
+        )
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+    ) -> dict[str, Any]:
+        predictor = self._predictor(model, device, amp_dtype)
+        return evaluate(
+            model, loader, device, num_classes=self.cfg.model.num_classes,
+            ignore_index=self.cfg.train.ignore_index, predictor=predictor,
+        )
+
+    def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
+        n = self.cfg.model.num_classes
+        names = CLASS_NAMES if n == len(CLASS_NAMES) else [str(i) for i in range(n)]
+        scalars = {"val/mIoU": metrics["miou"], "val/pixel_acc": metrics["acc"], "val/mean_acc": metrics["macc"]}
+        # NaN IoU: the class is absent from the split and has no curve.
+        scalars.update({f"val_iou/{k}": v for k, v in zip(names, metrics["iou"], strict=True) if v == v})
+        return Event(
+            "val",
+            iteration,
+            record={"miou": metrics["miou"], "acc": metrics["acc"], "macc": metrics["macc"], "iou": metrics["iou"]},
+            scalars=scalars,
+            images=self._images(model, device),
+            line=f"val @ {iteration}: mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['acc']:.2f}",
+        )
+
+    @torch.no_grad()
+    def _images(self, model: nn.Module, device: torch.device) -> dict[str, np.ndarray]:
+        """Input, ground truth and prediction of the first validation image, in the Cityscapes palette."""
+        image, mask = self.val_set[0]
+        pred = self._predictor(model, device, None).predict_tensor(image[None])[0].cpu().numpy()
+        data = self.cfg.data
+        return {
+            "val/input": denormalize(image, data.mean, data.std),
+            "val/ground_truth": colorize(np.asarray(mask, dtype=np.int64)),
+            "val/prediction": colorize(pred),
+        }
