@@ -35,4 +35,4 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 clean:
-	rm -rf $(VENV) work_dirs
+	rm -rf $(VENV) checkpoints/demo

@@ -1,6 +1,6 @@
 """`make demo`: synthetic Cityscapes -> train configs/demo.yaml on CPU -> evaluate -> colored masks and video.
 
-    python tools/demo.py [--retrain] [--work-dir work_dirs/demo]
+    python tools/demo.py [--retrain] [--work-dir checkpoints/demo]
 
 Generates datasets/synthetic_cityscapes when missing, trains (a few minutes on 2 CPU cores; a finished
 run in the work dir is reused unless --retrain), scores the val split, writes colored masks and overlays
@@ -35,7 +35,7 @@ NUM_MASKS = 4
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work-dir", type=Path, default=REPO / "work_dirs" / "demo")
+    p.add_argument("--work-dir", type=Path, default=REPO / "checkpoints" / "demo")
     p.add_argument("--retrain", action="store_true", help="train again even if a finished run exists")
     args = p.parse_args()
     cfg = load_config(CONFIG)
