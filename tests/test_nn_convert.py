@@ -111,3 +111,13 @@ def test_timm_batchnorm_act_keeps_its_activation():
     assert not any(isinstance(m, _BatchNorm) for m in block.modules())
     assert any(isinstance(m, nn.ReLU) for m in block.modules())
     assert timm is not None
+
+
+def test_stem_keeps_the_reference_operator():
+    # The speed options change the mathematics; the layer that sees the image never takes them.
+    model = deconvolve(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)), block=4, stats_every=3,
+                       matrix_grad=False, stem_freeze_iter=7, sync=True, momentum=0.3)
+    stem, body = model[0], model[1]
+    assert (stem.stats_every, stem.matrix_grad, stem.freeze, stem.freeze_iter) == (1, True, True, 7)
+    assert (body.stats_every, body.matrix_grad, body.freeze) == (3, False, False)
+    assert stem.sync and body.sync and stem.momentum == body.momentum == 0.3

@@ -89,28 +89,32 @@ def deconvolve(
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` by a ``FastDeconv`` and every BatchNorm by ``nn.Identity``.
 
-    Weights (and biases; a zero bias where there was none) carry over. The layer taking the 3-channel
-    image gets ``stem_n_iter`` and the periodic freeze; the others get ``stats_every`` and ``matrix_grad``.
-    Modules whose qualified name matches a pattern in ``exclude`` are left alone. Returns the converted module (a new
-    object when ``module`` itself is a conv); its ``deconv_report`` attribute says what changed, and the
-    summary is logged.
+    Weights (and biases; a zero bias where there was none) carry over. The keyword settings have the
+    names and defaults of the ``model.deconv`` config section, so a config's values can be passed as
+    ``**settings``. The layer taking the 3-channel image (the stem) gets ``stem_n_iter`` and the
+    periodic freeze and always computes the reference operator; the others get ``n_iter``,
+    ``stats_every`` and ``matrix_grad``. Modules whose qualified name matches a pattern in ``exclude``
+    are left alone. Returns the converted module (a new object when ``module`` itself is a conv); its
+    ``deconv_report`` attribute says what changed, and the summary is logged.
     """
     exclude = tuple(exclude)
-    common = dict(block=block, sampling_stride=sampling_stride, eps=eps, momentum=momentum, sync=sync)
+    body = dict(block=block, sampling_stride=sampling_stride, eps=eps, momentum=momentum, sync=sync,
+                n_iter=n_iter, freeze=False, freeze_iter=stem_freeze_iter, stats_every=stats_every,
+                matrix_grad=matrix_grad)
+    # The stem's input covariance is ill-conditioned (more iterations); its statistics are refreshed only
+    # periodically, as in the reference, and the speed options never apply to it.
+    stem = dict(body, n_iter=stem_n_iter, freeze=stem_freeze, stats_every=1, matrix_grad=True)
     report = DeconvReport()
 
     def convert(name: str, child: nn.Module) -> nn.Module | None:
         if _excluded(name, exclude):
             return None
         if _plain_conv(child):
-            stem = child.in_channels == IMAGE_CHANNELS
-            settings = dict(common, n_iter=stem_n_iter if stem else n_iter,
-                            freeze=stem_freeze if stem else False, freeze_iter=stem_freeze_iter,
-                            stats_every=1 if stem else stats_every, matrix_grad=True if stem else matrix_grad)
+            is_stem = child.in_channels == IMAGE_CHANNELS
             report.converted.append(name)
-            if stem:
+            if is_stem:
                 report.stems.append(name)
-            return _to_fast_deconv(child, **settings)
+            return _to_fast_deconv(child, **(stem if is_stem else body))
         if isinstance(child, _BatchNorm):
             report.norms_removed.append(name)
             return _norm_replacement(child)
