@@ -9,7 +9,9 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 
+from seg.checkpoint import CheckpointError, save_checkpoint
 from seg.config import Config, DeconvConfig, ModelConfig, to_dict
+from seg.errors import UserError
 from seg.models import build_model, model_from_checkpoint
 
 
@@ -35,17 +37,17 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.pth"
-    with pytest.raises(FileNotFoundError, match=f"model.pretrained.*{path}"):
+    with pytest.raises(CheckpointError, match=f"model.pretrained.*{path}"):
         build_model(cfg(pretrained=str(path)))
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "notes.pth"
     path.write_text("not weights")
-    with pytest.raises(ValueError, match="cannot read .*notes.pth"):
+    with pytest.raises(CheckpointError, match="cannot read model.pretrained .*notes.pth"):
         build_model(cfg(pretrained=str(path)))
     torch.save({"epoch": 3}, tmp_path / "no_tensors.pth")
-    with pytest.raises(ValueError, match="holds no state_dict"):
+    with pytest.raises(CheckpointError, match="no_tensors.pth holds no state_dict"):
         build_model(cfg(pretrained=str(tmp_path / "no_tensors.pth")))
 
 
@@ -66,7 +68,7 @@ def test_encoder_weights_of_another_encoder_name_the_keys(tmp_path: Path) -> Non
     torch.save(r34, tmp_path / "r34.pth")
     extra = len(r34.keys() - build().encoder.state_dict().keys())
     pattern = rf"r34.pth does not match.*\n  unexpected keys: layer1\.2\..*\({extra} in all\)"
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         build_model(cfg(pretrained=str(tmp_path / "r34.pth")))
 
 
@@ -75,7 +77,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path: Path) -> None:
     state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
     torch.save(state, tmp_path / "bad.pth")
     pattern = r"layer1\.0\.conv1\.weight \(file \(64, 64, 1, 1\), model \(64, 64, 3, 3\)\)"
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         build_model(cfg(pretrained=str(tmp_path / "bad.pth")))
 
 
@@ -86,13 +88,13 @@ def test_whole_model_weights_from_checkpoint(tmp_path: Path) -> None:
     model = build(seed=0, aux_loss=True, pretrained=str(tmp_path / "ckpt.pth"))
     assert_same_state(model.state_dict(), source.state_dict())
     # Without the aux head the file has keys the model lacks.
-    with pytest.raises(ValueError, match=r"unexpected keys: aux_head\."):
+    with pytest.raises(CheckpointError, match=r"ckpt.pth does not match.*\n  unexpected keys: aux_head\."):
         build(seed=0, pretrained=str(tmp_path / "ckpt.pth"))
 
 
 def test_batchnorm_weights_into_deconv_model_say_so(tmp_path: Path) -> None:
     torch.save(build(seed=0).state_dict(), tmp_path / "bn.pth")
-    with pytest.raises(ValueError, match="holds BatchNorm weights, the model uses deconvolution"):
+    with pytest.raises(CheckpointError, match="holds BatchNorm weights, the model uses deconvolution"):
         build(norm="deconv", pretrained=str(tmp_path / "bn.pth"))
 
 
@@ -129,5 +131,52 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path) -> None:
     rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x)["out"], model(x)["out"])
-    with pytest.raises(ValueError, match="key 'config' is missing"):
-        model_from_checkpoint({"model": ckpt["model"]})
+    # An already-loaded checkpoint: errors say where it came from when told.
+    with pytest.raises(CheckpointError, match="run/last.pth: not a training checkpoint, key 'config' is missing"):
+        model_from_checkpoint({"model": ckpt["model"]}, source="run/last.pth")
+    rebuilt = model_from_checkpoint(torch.load(tmp_path / "ckpt.pth", weights_only=True))
+    assert rebuilt.config == model.config
+
+
+def _checkpoint(model_cfg: ModelConfig, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, load_pretrained=False)
+    return {"model": model.state_dict(), "config": to_dict(Config(model=model_cfg)), "iteration": 1}
+
+
+def test_wrong_checkpoints_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.pth"
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {path}"):
+        model_from_checkpoint(path)
+
+    bare = tmp_path / "state_dict.pth"
+    torch.save(build().state_dict(), bare)
+    with pytest.raises(CheckpointError, match=f"{bare}: not a training checkpoint"):
+        model_from_checkpoint(str(bare))
+
+    # Weights of one model recorded with the config of another (here: BatchNorm vs deconvolution).
+    ckpt = _checkpoint(cfg(norm="bn"))
+    ckpt["config"] = to_dict(Config(model=cfg(norm="deconv")))
+    mismatched = save_checkpoint(ckpt, tmp_path / "mismatched.pth")
+    with pytest.raises(CheckpointError, match=rf"{mismatched} does not match the model:(.|\n)*holds BatchNorm"):
+        model_from_checkpoint(mismatched)
+
+    ckpt = _checkpoint(cfg())
+    ckpt["config"]["model"]["no_such_key"] = 1  # e.g. written by another version
+    stale = save_checkpoint(ckpt, tmp_path / "stale.pth")
+    with pytest.raises(CheckpointError, match=rf"{stale} \(stored config\): unknown key 'model.no_such_key'"):
+        model_from_checkpoint(stale)
+
+    ckpt = _checkpoint(cfg())
+    ckpt["model"] = [1, 2]
+    with pytest.raises(CheckpointError, match="checkpoint: key 'model' holds a list, expected a mapping"):
+        model_from_checkpoint(ckpt)
+    assert issubclass(CheckpointError, UserError)  # tools print them as "error: <message>"
+
+
+def test_ddp_prefixed_checkpoint_loads(tmp_path: Path) -> None:
+    ckpt = _checkpoint(cfg(aux_loss=True), seed=4)
+    expected = ckpt["model"]
+    ckpt["model"] = {"module." + k: v for k, v in expected.items()}
+    rebuilt = model_from_checkpoint(save_checkpoint(ckpt, tmp_path / "ddp.pth"))
+    assert_same_state(rebuilt.state_dict(), expected)

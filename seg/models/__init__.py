@@ -1,9 +1,10 @@
 """Segmentation models: DeepLabV3, DeepLabV3+ and FCN on smp encoders, with BatchNorm or deconvolution."""
 
-from seg.models.build import ARCHS, build_model, init_head
+from seg.models.build import ARCHS, build_model, init_head, model_from_checkpoint
+from seg.models.dilation import contract_dilation
 from seg.models.heads import DecoderHead, FCNHead
 from seg.models.segmenter import Segmenter
-from seg.models.weights import load_pretrained, model_from_checkpoint, read_state_dict
+from seg.models.weights import load_pretrained
 
 __all__ = [
     "ARCHS",
@@ -11,8 +12,8 @@ __all__ = [
     "FCNHead",
     "Segmenter",
     "build_model",
+    "contract_dilation",
     "init_head",
     "load_pretrained",
     "model_from_checkpoint",
-    "read_state_dict",
 ]

@@ -1,16 +1,22 @@
-"""``build_model``: a DeepLabV3 / DeepLabV3+ / FCN ``Segmenter`` from the ``model:`` config section.
+"""``build_model``: a DeepLabV3 / DeepLabV3+ / FCN ``Segmenter`` from the ``model:`` config section, and
+``model_from_checkpoint``: the same model rebuilt from a training checkpoint.
 
-Order matters: smp builds the encoder (its dilation patch rewrites ``nn.Conv2d`` at construction), the
-heads are initialised, then the norm is applied (``deconvolve`` copies the conv weights, so both norms
-start from the same weights for a given seed), and last the local pretrained weights are loaded, since
-they must match the final layers (FastDeconv buffers or BatchNorm statistics).
+Order matters: smp builds the encoder (its dilation patch rewrites ``nn.Conv2d`` at construction),
+``contract_dilation`` gives a dilated ResNet torchvision's geometry, the heads are initialised, then
+the norm is applied (``deconvolve`` copies the conv weights and geometry, so both norms start from the
+same layers for a given seed), and last the local pretrained weights are loaded, since they must match
+the final layers (FastDeconv buffers or BatchNorm statistics).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import timm
@@ -19,9 +25,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
 
-from seg.config import ConfigError, DeconvConfig, ModelConfig
+from seg.checkpoint import CheckpointError, load_checkpoint
+from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict
+from seg.models.dilation import contract_dilation
 from seg.models.heads import DecoderHead, FCNHead
 from seg.models.segmenter import Segmenter
+from seg.models.weights import check_keys
 from seg.models.weights import load_pretrained as load_pretrained_weights
 from seg.nn import deconvolve
 
@@ -31,6 +40,9 @@ AUX_FEATURE = 4
 # ASPP dilation rates per output stride (DeepLabV3 paper: 6/12/18 at stride 16, doubled at stride 8).
 ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 DECODER_CHANNELS = 256
+# Fields of ``model.deconv`` that the builder itself acts on; every other field is a ``deconvolve``
+# keyword of the same name and is passed on as it is, so a new setting is not listed again here.
+BUILDER_DECONV_FIELDS = frozenset({"classifier"})
 
 
 def _check_encoder(name: str) -> None:
@@ -106,14 +118,28 @@ def _classifier_names(model: nn.Module) -> list[str]:
     ]
 
 
-def _apply_deconv(model: Segmenter, d: DeconvConfig) -> Segmenter:
-    # Several processes: whiten with the statistics of the global batch, as SyncBatchNorm does.
-    settings = dict(
-        block=d.block, sampling_stride=d.sampling_stride, n_iter=d.n_iter, eps=d.eps, momentum=d.momentum,
-        stem_n_iter=d.stem_n_iter, stem_freeze=d.stem_freeze, stem_freeze_iter=d.stem_freeze_iter,
-        sync=d.sync or _world_size() > 1, stats_every=d.stats_every,
-        matrix_grad=d.matrix_grad,
-    )
+def deconv_settings(d: DeconvConfig, *, sync: bool) -> dict[str, Any]:
+    """The ``deconvolve`` keywords of a ``model.deconv`` section, with the build's ``sync`` decision."""
+    settings = {k: v for k, v in dataclasses.asdict(d).items() if k not in BUILDER_DECONV_FIELDS}
+    accepted = inspect.signature(deconvolve).parameters
+    unknown = sorted(settings.keys() - accepted.keys())
+    if unknown:  # a config field nobody wired up: a bug, not a user error
+        raise TypeError(f"model.deconv fields {unknown}: not deconvolve() keywords nor in BUILDER_DECONV_FIELDS")
+    settings["sync"] = sync
+    return settings
+
+
+def _sync_statistics(cfg: ModelConfig) -> bool:
+    """Whether normalisation statistics span all processes; the one place this is decided.
+
+    With several processes, always (the global batch, as SyncBatchNorm does); in one process, only when
+    ``model.deconv.sync`` asks for it (then FastDeconv syncs once a process group exists).
+    """
+    return _world_size() > 1 or (cfg.norm == "deconv" and cfg.deconv.sync)
+
+
+def _apply_deconv(model: Segmenter, d: DeconvConfig, sync: bool) -> Segmenter:
+    settings = deconv_settings(d, sync=sync)
     classifiers = _classifier_names(model)
     model = deconvolve(model, exclude=classifiers, **settings)
     if d.classifier:
@@ -126,8 +152,8 @@ def _apply_deconv(model: Segmenter, d: DeconvConfig) -> Segmenter:
     return model
 
 
-def _apply_bn(model: Segmenter) -> Segmenter:
-    if _world_size() > 1:
+def _apply_bn(model: Segmenter, sync: bool) -> Segmenter:
+    if sync:
         if torch.cuda.is_available():
             # timm's converter also handles its BatchNormAct2d (torch's would drop the activation).
             model = convert_sync_batchnorm(model)
@@ -156,6 +182,8 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
     _check_encoder(cfg.encoder)
     encoder, head = ARCHS[cfg.arch](cfg)
+    # Before the norm is applied, so that BatchNorm and FastDeconv models get the same geometry.
+    contract_dilation(encoder, cfg.output_stride)
     # features[0] is the input, then one entry per stage; five stages are needed.
     if len(encoder.out_channels) < AUX_FEATURE + 2 or encoder.output_stride != cfg.output_stride:
         raise ConfigError(
@@ -169,7 +197,53 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
         if module is not None:
             init_head(module)
     model = Segmenter(encoder, head, aux_head, size_divisor=encoder.output_stride, config=copy.deepcopy(cfg))
-    model = _apply_deconv(model, cfg.deconv) if cfg.norm == "deconv" else _apply_bn(model)
+    sync = _sync_statistics(cfg)
+    model = _apply_deconv(model, cfg.deconv, sync) if cfg.norm == "deconv" else _apply_bn(model, sync)
     if load_pretrained and cfg.pretrained:
         load_pretrained_weights(model, cfg.pretrained)
+    return model
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any] | str | Path, *, source: str | None = None
+) -> Segmenter:
+    """Rebuild the model recorded in a training checkpoint and load its weights.
+
+    ``model.pretrained`` is not read again (the checkpoint already holds the trained weights); whether
+    statistics are synced is decided anew by :func:`build_model` for the current launch.
+
+    Args:
+        checkpoint: a checkpoint file (read with :func:`seg.checkpoint.load_checkpoint`) or its
+            already-loaded contents, a mapping with ``model`` (a state_dict) and ``config``.
+        source: how errors name an already-loaded checkpoint, e.g. the file it came from.
+
+    Returns:
+        The model in training mode, on the CPU.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, is not a training checkpoint, its stored
+            config is invalid, or its weights do not match the model the config describes.
+    """
+    if isinstance(checkpoint, (str, Path)):
+        source = source or str(checkpoint)
+        checkpoint = load_checkpoint(checkpoint)
+    source = source or "checkpoint"
+    if not isinstance(checkpoint, Mapping):
+        kind = type(checkpoint).__name__
+        raise CheckpointError(f"{source}: not a training checkpoint (expected a mapping, got {kind})")
+    for key in ("model", "config"):
+        if key not in checkpoint:
+            raise CheckpointError(f"{source}: not a training checkpoint, key '{key}' is missing")
+    for key in ("model", "config"):
+        if not isinstance(checkpoint[key], Mapping):
+            kind = type(checkpoint[key]).__name__
+            raise CheckpointError(f"{source}: key '{key}' holds a {kind}, expected a mapping")
+    try:
+        cfg = from_dict(dict(checkpoint["config"]), f"{source} (stored config)")
+    except ConfigError as e:  # e.g. a checkpoint of an older version with keys that no longer exist
+        raise CheckpointError(str(e)) from e
+    model = build_model(cfg.model, load_pretrained=False)
+    state = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
+    check_keys(model, state, source)
+    model.load_state_dict(state)
     return model
