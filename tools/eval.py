@@ -6,6 +6,10 @@
 
 CONFIG supplies the data root and evaluation settings; the model is rebuilt from the config stored in
 the checkpoint. Full resolution by default; each image is counted once under torchrun.
+
+Exit codes: 0 done; 2 bad arguments, config or --opts key, missing or unusable checkpoint, missing or
+unreadable data, or a failure of the official evaluator (one line `error: <message>` on stderr naming the
+key or file).
 """
 
 from __future__ import annotations
@@ -19,18 +23,15 @@ import time
 from pathlib import Path
 
 from seg.config import ConfigError, load_config, to_dict
-from seg.data import CityscapesDataset, DatasetError, build_transforms
+from seg.data import CityscapesDataset, build_transforms
 from seg.data.labels import CLASS_NAMES, NUM_CLASSES
 from seg.engine.distributed import DistInfo, barrier, finish, init_distributed
+from seg.errors import UserError, error_message
 from seg.evaluation import build_eval_loader, evaluate, format_table
-from seg.evaluation.official import (
-    OfficialEvalError,
-    format_official,
-    prediction_path,
-    run_official_eval,
-    save_label_ids,
-)
-from seg.inference import Predictor
+from seg.evaluation.official import format_official, prediction_path, run_official_eval, save_label_ids
+from seg.inference import Predictor, pick_device
+
+EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +84,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
         args.checkpoint, eval_cfg=eval_cfg, device=info.device, fold=not args.no_fold
     )
     # Normalise exactly as the model was trained; the data root and split come from CONFIG.
-    data_cfg = dataclasses.replace(cfg.data, mean=predictor.config.data.mean, std=predictor.config.data.std)
+    trained = predictor.config
+    assert trained is not None  # from_checkpoint always keeps the stored config
+    data_cfg = dataclasses.replace(cfg.data, mean=trained.data.mean, std=trained.data.std)
     dataset = CityscapesDataset(data_cfg.root, split, transform=build_transforms(data_cfg, train=False))
     workers = data_cfg.num_workers if args.num_workers is None else args.num_workers
     loader = build_eval_loader(dataset, batch_size=1, num_workers=workers)
@@ -156,12 +159,17 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        pick_device(args.device)  # a clear error for --device cuda without CUDA, before joining a group
+    except UserError as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
     info = init_distributed(args.device)
     try:
         code = run(args, info)
-    except (ConfigError, DatasetError, OfficialEvalError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+    except (UserError, ConfigError, OSError) as e:  # OSError: e.g. an --out folder that cannot be written
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        code = EXIT_ERROR
     finish(info, code)  # under torchrun: tears the process group down without gloo's exit-time abort
 
 

@@ -5,6 +5,10 @@
 The exported model takes a normalised image batch N,3,H,W (any H, W; mean/std of the checkpoint's data
 config) and returns logits N,19,H,W. After exporting, the file is run on two inputs of different sizes
 next to the eager model and the largest difference is printed. ONNX needs `pip install -e '.[onnx]'`.
+
+Exit codes: 0 exported and within --atol of eager; 1 exported but the difference exceeds --atol;
+2 nothing exported: bad arguments or config, missing or unusable checkpoint, missing ONNX packages, or a
+failed export (one line `error: <message>` on stderr naming the key or file).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from pathlib import Path
 import torch
 
 from seg.config import ConfigError, load_config
+from seg.errors import UserError, error_message
 from seg.export import (
     FORMATS,
-    ExportError,
     compare,
     export_onnx,
     export_torchscript,
@@ -27,6 +31,9 @@ from seg.export import (
     run_torchscript,
 )
 from seg.inference import load_checkpoint_model
+
+EXIT_MISMATCH = 1
+EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if min(args.size) < 8:
+        print(f"error: --size {args.size[0]} {args.size[1]}: expected H and W of at least 8", file=sys.stderr)
+        return EXIT_ERROR
     try:
         load_config(args.config)
         model, _ = load_checkpoint_model(args.checkpoint, "cpu")
@@ -57,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             (path, dynamic), run = export_onnx(wrapped, sample, out), run_onnx
         diff = compare(wrapped, run, path, [sample, other] if dynamic else [sample])
-    except (ConfigError, ExportError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ConfigError, OSError) as e:  # OSError: e.g. an --out folder that cannot be written
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
     shapes = "dynamic N, H, W" if dynamic else f"fixed input 1x3x{h}x{w}"
     print(f"exported {args.format} -> {path} ({shapes}); max |export - eager| = {diff:.3g}")
     if diff > args.atol:
         print(f"error: difference {diff:.3g} exceeds --atol {args.atol}", file=sys.stderr)
-        return 1
+        return EXIT_MISMATCH
     return 0
 
 

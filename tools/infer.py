@@ -6,8 +6,12 @@
 INPUT: image files, folders, glob patterns (quote them) or videos (.mp4, .avi, .mov, ...). Images give
 <name>_mask.png (raw trainIds 0..18), <name>_color.png (Cityscapes palette) and <name>_overlay.png;
 videos give <name>_seg.mp4 at the same frame rate and size (overlay, or --video-layout side for the
-colour mask next to it). An input that cannot be read is reported by name, the rest are still
-processed, and the exit code is 1.
+colour mask next to it).
+
+Exit codes: 0 every input segmented; 1 some inputs failed (an unreadable or missing image or video, a
+video that cannot be written; each is reported as `error: <message naming the file>`, the others are
+still processed); 2 nothing usable: bad arguments, config or --opts key, missing or unusable checkpoint,
+unavailable device, or an image output folder that cannot be written.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import sys
 from pathlib import Path
 
 from seg.config import ConfigError, load_config
+from seg.errors import UserError, error_message
 from seg.inference import Predictor
 from seg.media import SAVE_KINDS, MediaError, expand_inputs, is_video, segment_images, segment_video
+
+EXIT_PARTIAL = 1  # some inputs failed, the others were written
+EXIT_ERROR = 2  # nothing usable: arguments, config, checkpoint, device or outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in save if s not in SAVE_KINDS]
     if unknown or not save:
         print(f"error: --save {args.save!r}: expected some of {','.join(SAVE_KINDS)}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     if not 0.0 <= args.opacity <= 1.0:
         print(f"error: --opacity {args.opacity}: expected a value in [0, 1]", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     try:
         cfg = load_config(args.config, args.opts)
         chosen = {"mode": args.mode, "scales": args.scales, "flip": args.flip, "batch_size": args.batch_size}
@@ -62,10 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(
             args.checkpoint, eval_cfg=eval_cfg, device=args.device, fold=not args.no_fold
         )
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        errors = segment_all(predictor, args, save)
+    except (UserError, ConfigError, OSError) as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    if errors:
+        print(f"{len(errors)} input(s) failed", file=sys.stderr)
+        return EXIT_PARTIAL
+    return 0
 
+
+def segment_all(predictor: Predictor, args: argparse.Namespace, save: list[str]) -> list[str]:
+    """Segment every input; returns one message per input that could not be read (already printed)."""
     files, errors = expand_inputs(args.inputs)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
@@ -92,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             f"model {stats.model_fps:.1f} frames/s, end-to-end {stats.end_to_end_fps:.1f} frames/s "
             f"on {predictor.device}"
         )
-    if errors:
-        print(f"{len(errors)} input(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    return errors
 
 
 if __name__ == "__main__":

@@ -2,17 +2,24 @@
 
     python tools/make_synthetic_cityscapes.py --root datasets/synthetic_cityscapes \
         --train 40 --val 10 --test 5 --height 256 --width 512 --seed 0
+
+Exit codes: 0 done; 2 bad arguments (a size or image count out of range) or an output that cannot be
+written (one line ``error: <message>`` on stderr naming the value or file).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from seg.data.synthetic import VIDEO_NAME, generate
+from seg.errors import UserError, error_message
+
+EXIT_ERROR = 2
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -24,18 +31,23 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512, help="image width (64..2048)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video-frames", type=int, default=20, help="frames of the demo video (0: none)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.time()
-    root = generate(
-        args.root, args.train, args.val, args.test, args.height, args.width, args.seed, args.video_frames
-    )
+    try:
+        root = generate(
+            args.root, args.train, args.val, args.test, args.height, args.width, args.seed, args.video_frames
+        )
+    except (UserError, OSError) as e:  # OSError: e.g. --root is a file or a read-only folder
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
     print(
         f"wrote {args.train}/{args.val}/{args.test} train/val/test images "
         f"of {args.height}x{args.width} to {root}"
         + (f" and {root / VIDEO_NAME}" if args.video_frames else "")
         + f" in {time.time() - start:.1f}s"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
