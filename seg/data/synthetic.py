@@ -251,12 +251,28 @@ def _vehicle(kind: str, x: float, yb: float, vw: float) -> Polygon:
 
 def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
     """A random street scene; every evaluated class appears at least once."""
-    w, h = width, height
-    st = _Street(rng, w, h)
-    hz = st.hz
-    sc = Scene(w, h)
+    st = _Street(rng, width, height)
+    sc = Scene(width, height)
+    # The parts share one generator, so this call order is the order of the random draws: reordering (or
+    # adding a draw to) any part changes every scene of a seed, and with it the generated data sets.
+    _ground(rng, st, sc)
+    _skyline(rng, st, sc)
+    _walls_and_fences(rng, st, sc)
+    _trees(rng, st, sc)
+    _train(rng, st, sc)
+    _vehicles(rng, st, sc)
+    _two_wheelers(rng, st, sc)
+    _pedestrians(rng, st, sc)
+    _poles_and_signs(rng, st, sc)
+    _void_objects(rng, st, sc)
+    _ego_vehicle(rng, sc)
+    return sc
+
+
+def _ground(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Sky, ground (terrain beyond the sidewalks, a bare patch sometimes), road, sidewalks, a parking bay."""
+    w, h, hz = st.w, st.h, st.hz
     bg = sc.background
-    # Sky, ground (terrain beyond the sidewalks), road, sidewalks.
     bg.append(("sky", _rect(0, 0, w - 1, hz + 2)))
     bg.append(("terrain", _rect(0, hz, w - 1, h - 1)))
     if rng.random() < 0.5:
@@ -275,7 +291,10 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         m0, m1 = (o0 + i0) / 2, (o1 + i1) / 2
         bg.append(("parking", [(m0, y0), (i0, y0), (i1, y1), (m1, y1)]))
 
-    # Skyline: buildings (some with gables), trees between them.
+
+def _skyline(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Buildings (some with gables) along the horizon, left to right, with trees between them."""
+    w, h, hz = st.w, st.h, st.hz
     x = -rng.uniform(0, 0.05) * w
     while x < w:
         bw = w * rng.uniform(0.07, 0.2)
@@ -283,7 +302,7 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         base = hz + h * 0.02
         if rng.random() < 0.22:
             r = bw * 0.6
-            bg.append(("vegetation", _ellipse(x + bw / 2, hz - r * 0.6, r, r * 0.8, rng=rng)))
+            sc.background.append(("vegetation", _ellipse(x + bw / 2, hz - r * 0.6, r, r * 0.8, rng=rng)))
         else:
             poly = _rect(x, hz - bh, x + bw, base)
             if rng.random() < 0.3:
@@ -294,14 +313,19 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
                     (x + bw, hz - bh),
                     (x + bw, base),
                 ]
-            bg.append(("building", poly))
+            sc.background.append(("building", poly))
         x += bw
-    # Walls and fences along the horizon, in front of the buildings; a guard rail sometimes.
+
+
+def _walls_and_fences(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Walls and fences on the horizon and along both sidewalks; a guard rail sometimes."""
+    w, h, hz = st.w, st.h, st.hz
+    # Along the horizon, in front of the buildings.
     for lab in ("wall", "fence", "fence" if rng.random() < 0.5 else "wall"):
         x0 = rng.uniform(-0.1, 0.8) * w
         bw, bh = w * rng.uniform(0.12, 0.3), h * rng.uniform(0.05, 0.1)
         y1 = hz + h * rng.uniform(0.0, 0.03)
-        bg.append((lab, _rect(x0, y1 - bh, x0 + bw, y1)))
+        sc.background.append((lab, _rect(x0, y1 - bh, x0 + bw, y1)))
     # A wall on one side and a fence on the other, running along the outer sidewalk edge in perspective.
     wall_side = int(rng.choice([-1, 1]))
     for lab, side in (("wall", wall_side), ("fence", -wall_side)):
@@ -317,8 +341,12 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         y0, y1 = hz + (h - hz) * 0.1, hz + (h - hz) * 0.35
         (_, i0), (_, i1) = st.walk_x(y0, side), st.walk_x(y1, side)
         g = h * 0.02
-        bg.append(("guard rail", [(i0, y0 - g), (i1, y1 - 3 * g), (i1, y1), (i0, y0)]))
-    # Trees and hedges by the sidewalks.
+        sc.background.append(("guard rail", [(i0, y0 - g), (i1, y1 - 3 * g), (i1, y1), (i0, y0)]))
+
+
+def _trees(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Two to four trees at the outer sidewalk edges, sized by depth."""
+    h, hz = st.h, st.hz
     for _ in range(int(rng.integers(2, 5))):
         side = int(rng.choice([-1, 1]))
         yb = hz + (h - hz) * rng.uniform(0.05, 0.5)
@@ -329,7 +357,10 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         crown = _ellipse(o, yb - r * 1.6, r, r * 0.9, rng=rng)
         sc.items.append(Item(yb, [("vegetation", trunk), ("vegetation", crown)]))
 
-    # A train on a rail track near the horizon.
+
+def _train(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """A moving train on a (still) rail track near the horizon."""
+    w, h, hz = st.w, st.h, st.hz
     yb = hz + (h - hz) * rng.uniform(0.06, 0.14)
     tx = w * rng.uniform(0.2, 0.8)
     tw = w * rng.uniform(0.35, 0.6)
@@ -340,15 +371,20 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         Item(yb, [("train", _vehicle("train", tx, yb, tw))], vx=float(rng.choice([-1, 1])) * w * 0.01)
     )
 
-    def on_road(t_lo: float, t_hi: float) -> tuple[float, float, float]:
-        yb = hz + (h - hz) * rng.uniform(t_lo, t_hi)
-        a, b = st.road_x(yb)
-        return rng.uniform(a, b), yb, st.t(yb)
 
-    # Vehicles on the road, sized by depth.
+def _on_road(rng: np.random.Generator, st: _Street, t_lo: float, t_hi: float) -> tuple[float, float, float]:
+    """A random point on the road between depths ``t_lo`` and ``t_hi``: x, bottom y and its depth t."""
+    yb = st.hz + (st.h - st.hz) * rng.uniform(t_lo, t_hi)
+    a, b = st.road_x(yb)
+    return rng.uniform(a, b), yb, st.t(yb)
+
+
+def _vehicles(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Two to four cars (with license plates), a truck and a bus on the road, sized by depth."""
+    w = st.w
     kinds = ["car"] * int(rng.integers(2, 5)) + ["truck", "bus"]
     for kind in kinds:
-        x, yb, t = on_road(0.15, 0.95)
+        x, yb, t = _on_road(rng, st, 0.15, 0.95)
         base = {"car": 0.28, "truck": 0.26, "bus": 0.45}[kind]
         vw = w * base * (0.15 + 0.85 * t)
         parts = [(kind, _vehicle(kind, x, yb, vw))]
@@ -356,9 +392,14 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
             pw = vw * 0.12
             parts.append(("license plate", _rect(x - pw / 2, yb - vw * 0.14, x + pw / 2, yb - vw * 0.09)))
         sc.items.append(Item(yb, parts, vx=float(rng.uniform(-1, 1)) * w * 0.015))
-    # Two-wheelers, ridden (rider drawn over the bike) or parked on the sidewalk.
+
+
+def _two_wheelers(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Bicycles and motorcycles ridden on the road (rider drawn over the bike), one parked on a sidewalk."""
+    w, h, hz = st.w, st.h, st.hz
+    # The third vehicle's kind is drawn once, before the loop, as the tuple is built.
     for motor in (False, True, bool(rng.random() < 0.5)):
-        x, yb, t = on_road(0.3, 0.95)
+        x, yb, t = _on_road(rng, st, 0.3, 0.95)
         bw = w * (0.15 if motor else 0.12) * (0.2 + 0.8 * t)
         lab = "motorcycle" if motor else "bicycle"
         ph = bw * (0.9 if motor else 1.1)
@@ -370,12 +411,17 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         o, i = st.walk_x(yb, side)
         bw = w * 0.1 * (0.2 + 0.8 * st.t(yb))
         sc.items.append(Item(yb, [("bicycle", _two_wheeler((o + i) / 2, yb, bw, False))]))
-    # Pedestrians on the sidewalks.
+
+
+def _pedestrians(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Two to five pedestrians walking on the sidewalks, sized by depth."""
+    w, h, hz = st.w, st.h, st.hz
     for _ in range(int(rng.integers(2, 6))):
         side = int(rng.choice([-1, 1]))
         yb = hz + (h - hz) * rng.uniform(0.15, 1.0)
         o, i = st.walk_x(yb, side)
         ph = h * 0.45 * (0.15 + 0.85 * st.t(yb))
+        # Draw order: the x position, then the person's own draws (in _person), then the walking speed.
         sc.items.append(
             Item(
                 yb,
@@ -383,33 +429,49 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
                 vx=w * rng.uniform(-0.006, 0.006),
             )
         )
-    # Poles with traffic lights and signs at the sidewalk edges.
+
+
+def _poles_and_signs(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Two to four poles at the inner sidewalk edges, alternating sides, carrying traffic lights and signs."""
     n_poles = int(rng.integers(2, 5))
     for k in range(n_poles):
-        side = -1 if k % 2 == 0 else 1
-        yb = hz + (h - hz) * rng.uniform(0.15, 0.85)
-        o, i = st.walk_x(yb, side)
-        x = i + (o - i) * 0.25
-        t = st.t(yb)
-        ph = h * (0.25 + 0.5 * t)
-        pw = max(2.0, w * 0.008 * (0.4 + t))
-        parts: list[tuple[str, Polygon]] = [("pole", _rect(x - pw / 2, yb - ph, x + pw / 2, yb))]
-        top = yb - ph
-        s = max(4.0, h * 0.09 * (0.3 + t))
-        if k % 2 == 0 or k == n_poles - 1:
-            parts.append(("traffic light", _rect(x - s * 0.25, top, x + s * 0.25, top + s * 0.8)))
-        if k % 2 == 1 or k == 0:
-            cy = top + s * (1.3 if k == 0 else 0.3)
-            shape = int(rng.integers(0, 3))
-            if shape == 0:
-                sign = _ellipse(x, cy, s * 0.35, s * 0.35)
-            elif shape == 1:
-                sign = [(x - s * 0.4, cy - s * 0.3), (x + s * 0.4, cy - s * 0.3), (x, cy + s * 0.4)]
-            else:
-                sign = _rect(x - s * 0.4, cy - s * 0.3, x + s * 0.4, cy + s * 0.3)
-            parts.append(("traffic sign", sign))
-        sc.items.append(Item(yb, parts))
-    # Some void objects: a static box and a dynamic cart on the sidewalk.
+        sc.items.append(_pole(rng, st, k, n_poles))
+
+
+def _pole(rng: np.random.Generator, st: _Street, k: int, n_poles: int) -> Item:
+    """Pole ``k`` of ``n_poles``: even ones and the last carry a light, odd ones and the first a sign."""
+    w, h, hz = st.w, st.h, st.hz
+    side = -1 if k % 2 == 0 else 1
+    yb = hz + (h - hz) * rng.uniform(0.15, 0.85)
+    o, i = st.walk_x(yb, side)
+    x = i + (o - i) * 0.25
+    t = st.t(yb)
+    ph = h * (0.25 + 0.5 * t)
+    pw = max(2.0, w * 0.008 * (0.4 + t))
+    parts: list[tuple[str, Polygon]] = [("pole", _rect(x - pw / 2, yb - ph, x + pw / 2, yb))]
+    top = yb - ph
+    s = max(4.0, h * 0.09 * (0.3 + t))
+    if k % 2 == 0 or k == n_poles - 1:
+        parts.append(("traffic light", _rect(x - s * 0.25, top, x + s * 0.25, top + s * 0.8)))
+    if k % 2 == 1 or k == 0:
+        cy = top + s * (1.3 if k == 0 else 0.3)  # below the light on the first pole
+        parts.append(("traffic sign", _sign(rng, x, cy, s)))
+    return Item(yb, parts)
+
+
+def _sign(rng: np.random.Generator, x: float, cy: float, s: float) -> Polygon:
+    """A round, triangular (point down) or rectangular traffic sign of size ``s`` centred at (x, cy)."""
+    shape = int(rng.integers(0, 3))
+    if shape == 0:
+        return _ellipse(x, cy, s * 0.35, s * 0.35)
+    if shape == 1:
+        return [(x - s * 0.4, cy - s * 0.3), (x + s * 0.4, cy - s * 0.3), (x, cy + s * 0.4)]
+    return _rect(x - s * 0.4, cy - s * 0.3, x + s * 0.4, cy + s * 0.3)
+
+
+def _void_objects(rng: np.random.Generator, st: _Street, sc: Scene) -> None:
+    """Some void objects on the sidewalks, each with odds 0.6: a static box and a dynamic cart."""
+    h, hz = st.h, st.hz
     for lab in ("static", "dynamic"):
         if rng.random() < 0.6:
             side = int(rng.choice([-1, 1]))
@@ -418,7 +480,11 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
             s = h * 0.08 * (0.2 + 0.8 * st.t(yb))
             cx = (o + i) / 2
             sc.items.append(Item(yb, [(lab, _rect(cx - s * 0.6, yb - s, cx + s * 0.6, yb))]))
-    # The ego vehicle's bonnet at the bottom, as in every Cityscapes frame.
+
+
+def _ego_vehicle(rng: np.random.Generator, sc: Scene) -> None:
+    """The ego vehicle's bonnet at the bottom, as in every Cityscapes frame (on top of everything)."""
+    w, h = sc.width, sc.height
     eh = h * rng.uniform(0.04, 0.08)
     sc.overlay.append(
         (
@@ -426,7 +492,6 @@ def build_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
             [(0, h - 1), (0, h - eh * 0.6), (w * 0.5, h - eh), (w - 1, h - eh * 0.6), (w - 1, h - 1)],
         )
     )
-    return sc
 
 
 # --------------------------------------------------------------------------------------------
