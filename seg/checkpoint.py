@@ -51,7 +51,10 @@ def _torch_load(path: Path, map_location: str | torch.device, what: str) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated, foreign or pickled-object files
-        raise CheckpointError(f"cannot read {what} {path} with torch.load(weights_only=True): {e}") from e
+        raise CheckpointError(
+            f"cannot read {what} {path}: expected a file written by torch.save with tensors and plain data "
+            f"(e.g. a run folder's last.pth); torch.load(weights_only=True) said: {e}"
+        ) from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -138,7 +138,9 @@ class DataConfig(_Section):
 
     def check(self) -> None:
         if self.scale_range[0] > self.scale_range[1]:
-            raise ConfigError(f"key 'data.scale_range' has value {self.scale_range}, expected [min, max] with min <= max")
+            raise ConfigError(
+                f"key 'data.scale_range' has value {self.scale_range}, expected [min, max] with min <= max"
+            )
 
 
 @dataclass
@@ -343,7 +345,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
                 f"override '{text}': unknown key '{'.'.join(keys)}'; valid keys: {', '.join(sorted(node))}"
             )
         node[keys[-1]] = value
-        cfg = from_dict(merged, f"override '{text}'")
+        cfg = from_dict(merged, f"override '{text}' on {path}")
     return cfg
 
 

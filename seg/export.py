@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from seg.errors import UserError
+from seg.nn import fold_deconv
 
 FORMATS = ("torchscript", "onnx")
 ONNX_HELP = (
@@ -41,8 +42,6 @@ class ExportModel(nn.Module):
 
 def prepare(model: nn.Module) -> ExportModel:
     """An eval-mode copy with deconvolution folded, wrapped for export."""
-    from seg.nn import fold_deconv
-
     return ExportModel(fold_deconv(copy.deepcopy(model)).eval()).eval()
 
 

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg.checkpoint import CheckpointError, load_checkpoint
-from seg.config import Config
+from seg.checkpoint import load_checkpoint
+from seg.config import Config, from_dict
 from seg.errors import UserError
+from seg.models import model_from_checkpoint
+from seg.nn import fold_deconv
 
 
 class InferenceError(UserError, ValueError):
@@ -47,15 +49,9 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     Returns ``(model in eval mode, Config)``; ``model.pretrained`` is not read again. A missing,
     unreadable or mismatching file raises :class:`~seg.checkpoint.CheckpointError` naming it.
     """
-    from seg.config import from_dict
-    from seg.models import model_from_checkpoint
-
     state = load_checkpoint(path, map_location="cpu")
     cfg = from_dict(state["config"], source=f"{path} (stored config)")
-    try:
-        model = model_from_checkpoint(state)
-    except (UserError, ValueError, KeyError) as e:  # weights that do not fit the model of the stored config
-        raise CheckpointError(f"{path}: {e}") from e
+    model = model_from_checkpoint(state, source=str(path))  # CheckpointError naming the file on a mismatch
     return model.to(device).eval(), cfg
 
 
@@ -133,8 +129,6 @@ class Predictor:
         self.device = pick_device(device)
         model = getattr(model, "module", model)  # DistributedDataParallel: use the wrapped module
         if fold:
-            from seg.nn import fold_deconv
-
             model = fold_deconv(copy.deepcopy(model))
         self.model = model.to(self.device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)

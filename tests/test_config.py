@@ -83,6 +83,17 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path: Path) -> None:
         ("data:\n  crop_size: 512\n", "data.crop_size"),
         ("model: resnet\n", "model"),
         ("model:\n  norm: gn\n", "model.norm"),
+        ("train:\n  batch_size: 0\n", "train.batch_size"),
+        ("train:\n  val_interval: 0\n", "train.val_interval"),
+        ("train:\n  grad_clip: -1\n", "train.grad_clip"),
+        ("train:\n  momentum: 1.0\n", "train.momentum"),
+        ("eval:\n  scales: []\n", "eval.scales"),
+        ("eval:\n  stride: [0, 8]\n", "eval.stride"),
+        ("data:\n  scale_range: [2.0, 1.0]\n", "data.scale_range"),
+        ("data:\n  std: [0.2, 0.2]\n", "data.std"),
+        ("model:\n  deconv:\n    eps: 0\n", "model.deconv.eps"),
+        ("model:\n  deconv:\n    momentum: 1.5\n", "model.deconv.momentum"),
+        ("task: detection\n", "task"),
     ],
 )
 def test_wrong_type_or_value_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
@@ -128,3 +139,16 @@ def test_plain_data_survives_weights_only_load(tmp_path: Path) -> None:
     loaded = torch.load(tmp_path / "c.pth", weights_only=True)
     assert from_dict(loaded["config"]) == cfg
     assert load_config(_write(tmp_path, "dumped.yaml", dump_yaml(cfg))) == cfg
+
+
+def test_sections_built_in_code_are_checked_too() -> None:
+    from seg.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="train.iterations"):
+        TrainConfig(iterations=0)
+    assert TrainConfig(grad_clip=None, val_max_images=None).grad_clip is None  # null means "off", no range
+
+
+def test_override_errors_name_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"demo\.yaml.*train\.batch_size"):
+        load_config(CONFIGS / "demo.yaml", ["train.batch_size=0"])

@@ -151,3 +151,41 @@ def test_torchrun_restarts_a_dead_worker_and_resumes(synthetic_root: Path, tmp_p
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out
     assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 12
+
+
+def _train_tool(argv: list[str]) -> int:
+    from tools import train as train_tool
+
+    try:
+        return train_tool.main(argv)
+    except SystemExit as e:  # a single process leaves through sys.exit
+        return int(e.code or 0)
+
+
+def _one_error_line(err: str, *names: str) -> None:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert all(name in lines[0] for name in names), (names, lines[0])
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=0", "train.val_interval=0", "eval.scales=[]"])
+def test_out_of_range_values_exit_2_naming_key_and_file(override: str, capsys: pytest.CaptureFixture) -> None:
+    assert _train_tool(["configs/demo.yaml", "--device", "cpu", "--opts", override]) == 2
+    _one_error_line(capsys.readouterr().err, override.split("=")[0], "configs/demo.yaml")
+
+
+def test_corrupt_training_image_is_one_error_line(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    victim = sorted((root / "leftImg8bit" / "train").rglob("*.png"))[1]
+    victim.write_bytes(b"\x89PNG truncated")
+    # A worker process reads it: the error crosses the DataLoader and still reads as one line.
+    argv = ["configs/demo.yaml", "--device", "cpu", "--no-progress", "--work-dir", str(tmp_path / "run"),
+            *tiny_opts(root, "train.batch_size=2", "train.iterations=2", "data.num_workers=1")]
+    assert _train_tool(argv) == 1
+    _one_error_line(capsys.readouterr().err, victim.name)

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("config", help="YAML config (eval settings: mode, crop, stride, scales, flip)")
     p.add_argument("checkpoint", help="training checkpoint (.pth); its stored config rebuilds the model")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder, glob pattern or video")
-    p.add_argument("--out", default="work_dirs/infer", help="output folder (default: work_dirs/infer)")
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/infer)")
     p.add_argument("--opacity", type=float, default=0.5, help="colour mask opacity in overlays (0..1)")
     p.add_argument(
         "--save", default=",".join(SAVE_KINDS), help="image outputs, comma-separated: mask,color,overlay"
@@ -85,7 +85,7 @@ def segment_all(predictor: Predictor, args: argparse.Namespace, save: list[str])
     files, errors = expand_inputs(args.inputs)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "infer"
     images = [(p, s) for p, s in files if not is_video(p)]
     videos = [(p, s) for p, s in files if is_video(p)]
 

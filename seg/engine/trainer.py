@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from seg import tasks  # the module, not its names: seg.tasks imports seg.engine.writers
 from seg.checkpoint import LAST
 from seg.config import Config, ConfigError, dump_yaml, to_dict
 from seg.data import derive_seed, make_generator, worker_init_fn
@@ -33,7 +34,6 @@ from seg.engine.optim import build_optimizer, build_scheduler
 from seg.engine.sampling import ResumableSampler, SeededSamples
 from seg.engine.writers import ConsoleWriter, Event, Writer, build_writers, format_seconds, peak_memory_gb
 from seg.evaluation import build_eval_loader
-from seg import tasks  # the module, not its names: seg.tasks imports seg.engine.writers
 
 if TYPE_CHECKING:
     from seg.tasks import Task
@@ -118,8 +118,9 @@ def train(
                 ckpt.save(iteration, best=improved)
             if stop_now:
                 status = "interrupted"
-                run.log(f"stopped by {stop.name or 'a signal on another rank'} at iteration {iteration}; saved {ckpt.work_dir / LAST}. "
-                        "Continue with --resume.")
+                who = stop.name or "a signal on another rank"
+                saved = ckpt.work_dir / LAST
+                run.log(f"stopped by {who} at iteration {iteration}; saved {saved}. Continue with --resume.")
                 break
             if pause:
                 status = "paused"

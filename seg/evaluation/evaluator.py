@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from seg.evaluation.metrics import ConfusionMatrix
+from seg.inference import Predictor
 
 # Reference-compatible scoring (NOT the Cityscapes benchmark): void is class 0, the 19 classes are 1..19,
 # 21 outputs, every pixel counted, IoU of absent classes taken as 0 and averaged over all 21.
@@ -129,8 +130,6 @@ def evaluate(
     ``reference_compat`` the keys are those of the 21-class reference scoring (``miou`` = reference mIoU).
     The model's train/eval mode is restored afterwards.
     """
-    from seg.inference import Predictor  # late import: inference does not depend on evaluation
-
     if predictor is None:
         if model is None:
             raise ValueError("evaluate needs a model or a predictor")
