@@ -53,7 +53,12 @@ def test_a_few_iterations_write_everything(synthetic_root: Path, tmp_path: Path)
     assert from_dict(ckpt["config"]).model == cfg.model
     assert (tmp_path / "best.pth").is_file() and (tmp_path / "config.yaml").is_file()
     assert load_config(tmp_path / "config.yaml").train == cfg.train
-    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path)).Reload().Tags()
+    assert {"train/loss", "train/lr", "time/data", "time/iter", "val/mIoU", "val/pixel_acc", "val/mean_acc",
+            "val_iou/road"} <= set(tb["scalars"])
+    assert {"val/input", "val/ground_truth", "val/prediction"} <= set(tb["images"])
     vals = _records(tmp_path, "val")
     assert [v["iteration"] for v in vals] == [2, 3] and 0.0 <= vals[-1]["miou"] <= 1.0
     assert len(vals[-1]["iou"]) == 19
