@@ -103,6 +103,33 @@ class DeconvConfig(_Section):
     # Speed option that changes the mathematics (true = the reference): false treats every non-stem layer's
     # whitening matrix as a constant in the backward pass (the mean keeps its gradient).
     matrix_grad: bool = True
+    # ND++ (Ye et al.'s follow-up): normalise each deconvolution layer's input per sample before its
+    # statistics, in training and eval. none = the original operator.
+    norm_type: str = opt("none", choices=("none", "layernorm", "l1norm"))
+
+
+@dataclass
+class IterNormConfig(_Section):
+    """Batch whitening (``norm: iternorm``; Huang et al., Iterative Normalization, CVPR 2019)."""
+
+    _key = "model.iternorm"
+    num_channels: int = opt(64, ge=1)  # channels per whitened group (halved until it divides C)
+    T: int = opt(5, ge=1)  # Newton iterations
+    eps: float = opt(1e-5, gt=0)
+    momentum: float = opt(0.1, gt=0, le=1)
+
+
+@dataclass
+class ChannelDeconvConfig(_Section):
+    """Channel-only whitening in place of every BatchNorm (``norm: channel_deconv``; the reference's
+    ``ChannelDeconv``): the ablation without ND's spatial decorrelation."""
+
+    _key = "model.channel_deconv"
+    block: int = opt(64, ge=1)
+    eps: float = opt(1e-2, gt=0)
+    n_iter: int = opt(5, ge=1)
+    momentum: float = opt(0.1, gt=0, le=1)
+    sampling_stride: int = opt(3, ge=1)
 
 
 @dataclass
@@ -111,8 +138,14 @@ class ModelConfig(_Section):
     arch: str = opt("deeplabv3", choices=("deeplabv3", "deeplabv3plus", "fcn"))
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
     output_stride: int = opt(8, choices=(8, 16))
-    norm: str = opt("deconv", choices=("deconv", "bn"))
+    # What replaces normalisation in the whole model (encoder and heads): deconv (network deconvolution in
+    # every conv), bn (BatchNorm; SyncBatchNorm under torchrun on CUDA), gn (GroupNorm), iternorm (batch
+    # whitening), channel_deconv (channel-only whitening), none (plain convs with bias).
+    norm: str = opt("deconv", choices=("deconv", "bn", "gn", "iternorm", "channel_deconv", "none"))
     deconv: DeconvConfig = field(default_factory=DeconvConfig)
+    gn_groups: int = opt(32, ge=1)  # GroupNorm groups (norm: gn), as in the GroupNorm paper
+    iternorm: IterNormConfig = field(default_factory=IterNormConfig)
+    channel_deconv: ChannelDeconvConfig = field(default_factory=ChannelDeconvConfig)
     aux_loss: bool = False  # auxiliary FCN head on the stride-16 stage
     num_classes: int = opt(19, ge=1)
     pretrained: str | None = None  # local file of encoder or model weights; nothing is downloaded

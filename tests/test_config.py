@@ -82,7 +82,7 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path: Path) -> None:
         ("model:\n  aux_loss: 1\n", "model.aux_loss"),
         ("data:\n  crop_size: 512\n", "data.crop_size"),
         ("model: resnet\n", "model"),
-        ("model:\n  norm: gn\n", "model.norm"),
+        ("model:\n  norm: layernorm\n", "model.norm"),
         ("train:\n  batch_size: 0\n", "train.batch_size"),
         ("train:\n  val_interval: 0\n", "train.val_interval"),
         ("train:\n  grad_clip: -1\n", "train.grad_clip"),
