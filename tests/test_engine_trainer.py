@@ -64,6 +64,9 @@ def test_a_few_iterations_write_everything(synthetic_root: Path, tmp_path: Path)
     assert len(vals[-1]["iou"]) == 19
     losses = [r["loss"] for r in _records(tmp_path, "train")]
     assert len(losses) == 3 and all(v == v for v in losses)
+    seconds = [r["train_seconds"] for r in _records(tmp_path, "train")]
+    assert 0 < seconds[0] < seconds[1] < seconds[2] and vals[-1]["train_seconds"] == seconds[2]
+    assert all(r["peak_mem_gb"] > 0 for r in _records(tmp_path, "train"))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -104,6 +107,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         train(cfg, CPU, tmp_path, show_progress=False)
     ckpt = load_checkpoint(tmp_path / "last.pth")
     assert ckpt["iteration"] == 2
+    assert [r["iteration"] for r in _records(tmp_path, "diverged")] == [3]  # what a study counts
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 

@@ -100,6 +100,7 @@ class Checkpointer:
         self.objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
         self.log = log
         self.best: float | None = None
+        self.train_seconds = 0.0  # time spent in training steps, over all resumed parts of the run
 
     def find(self, resume: str | Path | bool | None) -> Path | None:
         """The file ``resume`` names: True means this run folder's ``last.pth``."""
@@ -117,6 +118,7 @@ class Checkpointer:
             if ckpt.get(key):  # a run without a grad scaler stored an empty state
                 obj.load_state_dict(ckpt[key])
         self.best = ckpt.get("best_metric")
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.info.world_size:
             restore_rng(rngs[self.info.rank])
@@ -147,6 +149,7 @@ class Checkpointer:
             config=self.config,
             iteration=iteration,
             best_metric=self.best,
+            train_seconds=self.train_seconds,
             rng=all_gather_objects(capture_rng(), self.info),  # collective: each rank resumes its own streams
         )
         if not self.info.is_main:

@@ -92,18 +92,24 @@ def train(
     tc, ckpt = cfg.train, run.checkpointer
     path = ckpt.find(resume)
     start = ckpt.resume(path) if path is not None else 0
+    timer = StepTimer(start, ckpt.train_seconds)
     console = ConsoleWriter(tc.iterations, start, show_progress) if info.is_main else None
     writers = build_writers(ckpt.work_dir, console)
     announce(run, ckpt.work_dir)
-    stop, timer = StopRequest(), StepTimer(start)
+    stop = StopRequest()
     batches = epoch_batches(run, start)
     iteration, status, last_val = start, "finished", None
     stop.install()
     run.model.train()
     try:
         while iteration < tc.iterations:
-            loss, stop_now = train_step(run, batches, stop.requested, iteration + 1, timer)
+            try:
+                loss, stop_now = train_step(run, batches, stop.requested, iteration + 1, timer)
+            except NonFiniteLossError as e:
+                emit(writers, Event("diverged", iteration + 1, {"message": str(e)}))
+                raise
             iteration += 1
+            ckpt.train_seconds = timer.total
             if console is not None:
                 console.advance()
             if iteration % tc.log_interval == 0 or iteration == tc.iterations:
@@ -176,7 +182,9 @@ def validate(run: Run, iteration: int, writers: list[Writer]) -> dict[str, Any]:
     """The task's metrics on the validation split (all ranks take part); the model is left in train mode."""
     metrics = run.task.evaluate(run.model, run.val_loader, run.info.device, run.amp_dtype)
     if writers:
-        emit(writers, run.task.val_event(iteration, metrics, run.model, run.info.device))
+        event = run.task.val_event(iteration, metrics, run.model, run.info.device)
+        event.record["train_seconds"] = run.checkpointer.train_seconds  # training time so far, for time-to-accuracy
+        emit(writers, event)
     run.model.train()
     return metrics
 
@@ -194,7 +202,8 @@ def train_event(run: Run, iteration: int, loss: float, timer: StepTimer) -> Even
     return Event(
         "train",
         iteration,
-        record={"loss": loss, "lr": lr, "data_time": data, "iter_time": it},
+        record={"loss": loss, "lr": lr, "data_time": data, "iter_time": it, "train_seconds": timer.total,
+                "peak_mem_gb": mem, "mem_kind": kind},
         scalars={"train/loss": loss, "train/lr": lr, "time/data": data, "time/iter": it},
         line=f"iter {iteration}/{run.cfg.train.iterations}  loss {loss:.4f}  lr {lr:.3e}  data {data:.3f}s  "
         f"iter {it:.3f}s  eta {format_seconds(eta)}  mem({kind}) {mem:.2f}G",
@@ -221,10 +230,11 @@ def replica_check(run: Run, iteration: int) -> Event:
 
 
 class StepTimer:
-    """Data and step times (exponential averages for display) and an ETA that skips the warm-up steps."""
+    """Data and step times (exponential averages for display), an ETA that skips the warm-up steps, and
+    ``total``: the seconds spent in training steps since the run began (carried over a resume)."""
 
-    def __init__(self, start: int) -> None:
-        self.start, self.steps = start, 0
+    def __init__(self, start: int, total: float = 0.0) -> None:
+        self.start, self.steps, self.total = start, 0, total
         self.data_time = self.iter_time = 0.0
         self.t0 = self.t_loaded = time.perf_counter()
         self.timed_since, self.timed_steps = self.t0, 0
@@ -238,6 +248,7 @@ class StepTimer:
     def stepped(self) -> None:
         now = time.perf_counter()
         data, step = self.t_loaded - self.t0, now - self.t0
+        self.total += step
         first = self.steps == 0
         self.data_time = data if first else 0.9 * self.data_time + 0.1 * data
         self.iter_time = step if first else 0.9 * self.iter_time + 0.1 * step
