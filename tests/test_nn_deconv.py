@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -778,3 +779,143 @@ def test_gram_matches_autograd(shape):
     g2.backward(grad)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
     torch.autograd.gradcheck(_Gram.apply, [x.clone().requires_grad_()])
+
+
+# ---------------------------------------------------------------------------------------------
+# ND++ norm_type: per-sample normalisation of the input before the statistics
+
+
+def _normalised(x, norm_type, eps=1e-5):
+    """ND++'s formulas written out sample by sample in float64: (x − μ)/(σ + eps) with σ the unbiased
+    standard deviation over C·H·W, or x / (mean|x| + eps)."""
+    out = []
+    for sample in x.double():
+        n = sample.numel()
+        if norm_type == "layernorm":
+            mu = sample.sum() / n
+            sigma = (((sample - mu) ** 2).sum() / (n - 1)).sqrt()
+            out.append((sample - mu) / (sigma + eps))
+        else:
+            out.append(sample / (sample.abs().sum() / n + eps))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "l1norm"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "grouped", "stem7x7_s2"])
+def test_norm_type_is_the_plain_operator_on_the_normalised_input(name, norm_type):
+    torch.manual_seed(0)
+    layer = _layer(name, norm_type=norm_type)
+    geom = Geometry.of(layer)
+    # Samples on very different scales: the normalisation is per sample, not per batch.
+    x = _input(name) * torch.tensor([1.0, 7.0], dtype=torch.float64).view(2, 1, 1, 1)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w2 = layer.weight.detach().clone().requires_grad_()
+    b2 = layer.bias.detach().clone().requires_grad_()
+    y1 = layer(x1)
+    xn = _normalised(x2, norm_type)
+    y2 = plain_deconv(xn, w2, b2, stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
+                      groups=geom.groups, block=geom.block)
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.weight.grad, w2.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad, b2.grad, rtol=1e-9, atol=1e-10)
+    # The running statistics are those of the normalised input.
+    plain = _layer(name)
+    plain(xn.detach())
+    torch.testing.assert_close(layer.running_mean, plain.running_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.running_deconv, plain.running_deconv, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "l1norm"])
+def test_norm_type_eval_and_fold_keep_the_normalisation(norm_type):
+    torch.manual_seed(1)
+    layer = _layer("3x3", norm_type=norm_type)
+    for step in range(2):
+        layer(_input("3x3", shift=step))
+    layer.eval()
+    geom = Geometry.of(layer)
+    x = _input("3x3", scale=5.0, shift=-1.0)
+    means, mats = running_statistics(layer)
+    expected = whitened_conv(_normalised(x, norm_type), layer.weight.detach(), layer.bias.detach(), means, mats,
+                             geom)
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    # One sample alone gives the same output: eval does not mix samples.
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x[1:]), y[1:], rtol=1e-12, atol=1e-12)
+    # Eval gradients (the input's, through the normalisation) match the formulas'.
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn_like(y)
+    (g1,) = torch.autograd.grad(layer(x1), x1, grad)
+    (g2,) = torch.autograd.grad(whitened_conv(_normalised(x2, norm_type), layer.weight.detach(),
+                                              layer.bias.detach(), means, mats, geom), x2, grad)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-10)
+    # fold_deconv keeps the per-sample normalisation in front of the folded conv.
+    folded = fold_deconv(copy.deepcopy(layer))
+    from seg.nn import SampleNormConv2d
+
+    assert type(folded) is SampleNormConv2d and folded.norm_type == norm_type and folded.eps == layer.eps
+    assert isinstance(folded, nn.Conv2d) and not folded.training
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), y, rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated; export still uses it
+        traced = torch.jit.trace(folded, x)
+    torch.testing.assert_close(traced(x * 0.5), folded(x * 0.5), rtol=1e-12, atol=1e-12)
+
+
+def test_norm_type_none_is_the_default_and_folds_to_a_plain_conv():
+    layer = FastDeconv(8, 4, 3)
+    assert layer.norm_type == "none"
+    assert type(fold_deconv(layer.eval())) is nn.Conv2d
+
+
+def test_norm_type_under_bfloat16_autocast_keeps_float32_statistics():
+    torch.manual_seed(4)
+    layer = FastDeconv(16, 8, 3, padding=1, block=8, norm_type="layernorm")
+    ref_layer = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 16, 16) * 30 + 20
+    y32 = ref_layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    assert (y16.float() - y32).abs().max() / y32.abs().max() < 0.05
+    assert layer.running_deconv.dtype == torch.float32
+    # Statistics from the input rounded to bf16 but normalised in float32.
+    torch.testing.assert_close(layer.running_deconv, ref_layer.running_deconv, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("bad", ["batchnorm", "", None, "LayerNorm"])
+def test_bad_norm_type_raises_value_error(bad):
+    with pytest.raises(ValueError, match="norm_type"):
+        FastDeconv(8, 4, 3, norm_type=bad)
+
+
+def test_layernorm_needs_two_values_per_sample():
+    layer = FastDeconv(1, 2, 1, norm_type="layernorm")
+    with pytest.raises(ValueError, match="layernorm"):
+        layer(torch.randn(4, 1, 1, 1))
+
+
+def test_deconvolve_passes_norm_type_to_every_layer_and_fold_keeps_it():
+    from seg.nn import SampleNormConv2d, deconvolve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model = deconvolve(model, norm_type="l1norm")
+    layers = [m for m in model.modules() if isinstance(m, FastDeconv)]
+    assert len(layers) == 2 and all(m.norm_type == "l1norm" for m in layers)  # the stem too
+    model(torch.randn(2, 3, 8, 8))
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x)
+        folded = fold_deconv(copy.deepcopy(model))
+        assert sum(type(m) is SampleNormConv2d for m in folded.modules()) == 2
+        torch.testing.assert_close(folded(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="norm_type"):
+        deconvolve(nn.Conv2d(8, 4, 1), norm_type="groupnorm")

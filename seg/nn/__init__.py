@@ -1,7 +1,8 @@
-"""Network deconvolution layers and the tools that put them into (and fold them out of) models."""
+"""Network deconvolution layers, batch whitening, and the tools that put them into (and fold them out of) models."""
 
 from seg.nn.convert import deconvolve, fold_deconv
-from seg.nn.deconv import ChannelDeconv, Delinear, FastDeconv
+from seg.nn.deconv import ChannelDeconv, Delinear, FastDeconv, SampleNormConv2d
 from seg.nn.isqrt import isqrt_newton_schulz
 
-__all__ = ["ChannelDeconv", "Delinear", "FastDeconv", "deconvolve", "fold_deconv", "isqrt_newton_schulz"]
+__all__ = ["ChannelDeconv", "Delinear", "FastDeconv", "SampleNormConv2d", "deconvolve", "fold_deconv",
+           "isqrt_newton_schulz"]

@@ -4,6 +4,8 @@
 with the inverse square root of their covariance (Newton–Schulz) and folds that whitening into the conv
 weight (``W·D``, bias ``b − W·D·μ``), so the output is one ordinary ``conv2d`` on the raw input. Defaults
 compute the same operator as the reference implementation (github.com/yechengxi/deconvolution).
+``norm_type`` adds ND++'s per-sample input normalisation (Ye et al.'s follow-up, amazon-science/
+network-deconvolution-pp) in front of the statistics; ``SampleNormConv2d`` is its folded eval-mode form.
 """
 
 from __future__ import annotations
@@ -43,6 +45,61 @@ def _check_momentum(value: Any) -> None:
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics run in float32 at least (float64 stays float64), whatever the autocast dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ND++'s per-sample input normalisations; "none" is the original operator.
+NORM_TYPES = ("none", "layernorm", "l1norm")
+
+
+def check_norm_type(norm_type: Any) -> str:
+    if norm_type not in NORM_TYPES:
+        raise ValueError(f"norm_type must be one of {', '.join(NORM_TYPES)}, got {norm_type!r}")
+    return norm_type
+
+
+def sample_normalise(x: torch.Tensor, norm_type: str, eps: float) -> torch.Tensor:
+    """ND++'s per-sample normalisation of ``x (N, ...)`` over all but the batch dimension.
+
+    ``layernorm``: ``x/σ − μ/σ`` with ``σ = std + eps`` (the unbiased standard deviation, eps added to σ
+    and not to the variance, as ND++); no affine. ``l1norm``: ``x / (mean|x| + eps)``. Computed in float32
+    at least (float64 stays float64); the result has that dtype, the caller casts it where needed.
+    """
+    if norm_type == "none":
+        return x
+    shape = x.shape
+    flat = x.to(_stats_dtype(x.dtype)).reshape(shape[0], -1)
+    if norm_type == "layernorm":
+        # Checked in eager mode only: a shape test would be frozen into (and warned about by) a trace.
+        if flat.shape[1] < 2 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            raise ValueError(f"norm_type 'layernorm' needs at least 2 values per sample, got shape {tuple(shape)}")
+        std = flat.std(dim=1, keepdim=True) + eps
+        # ND++ writes x/σ − μ/σ rather than (x − μ)/σ; the two differ only by rounding.
+        out = flat / std - flat.mean(dim=1, keepdim=True) / std
+    elif norm_type == "l1norm":
+        out = flat / (flat.abs().mean(dim=1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"norm_type must be one of {', '.join(NORM_TYPES)}, got {norm_type!r}")
+    return out.view(shape)
+
+
+class SampleNormConv2d(nn.Conv2d):
+    """A ``Conv2d`` on the per-sample-normalised input (``sample_normalise``): what ``fold_deconv`` makes of
+    a ``FastDeconv`` with ``norm_type`` other than ``none``, whose normalisation depends on each sample and
+    so cannot be folded into the weight."""
+
+    def __init__(self, *args: Any, norm_type: str = "layernorm", eps: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_norm_type(norm_type)
+        _check_positive("eps", eps, float)
+        self.norm_type, self.eps = norm_type, float(eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", norm_type={self.norm_type}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):
+            xn = sample_normalise(x, self.norm_type, self.eps)
+        return super().forward(xn.to(x.dtype))
 
 
 def resolve_block(block: int, in_channels: int, groups: int = 1) -> int:
@@ -173,6 +230,9 @@ class FastDeconv(nn.Conv2d):
             ``benchmarks/README.md``).
         isqrt_method: ``auto`` | ``iterate`` | ``eigh``: two exact forms of the same Newton–Schulz result
             (see ``seg.nn.isqrt``); ``auto`` picks the faster for the device.
+        norm_type: ``none`` | ``layernorm`` | ``l1norm``: ND++'s per-sample normalisation of the input
+            (``sample_normalise``, with this layer's ``eps``) before the statistics and the conv, in training
+            and eval; ``none`` (the default) is the original operator.
     """
 
     def __init__(
@@ -196,7 +256,9 @@ class FastDeconv(nn.Conv2d):
         isqrt_method: str = "auto",
         stats_every: int = 1,
         matrix_grad: bool = True,
+        norm_type: str = "none",
     ) -> None:
+        check_norm_type(norm_type)
         if isqrt_method not in METHODS:
             raise ValueError(f"isqrt_method must be one of {', '.join(METHODS)}, got {isqrt_method!r}")
         _check_positive("in_channels", in_channels)
@@ -230,6 +292,7 @@ class FastDeconv(nn.Conv2d):
         self.freeze_iter = int(freeze_iter)
         self.sync = bool(sync)
         self.isqrt_method = isqrt_method
+        self.norm_type = norm_type
         kh, kw = self.kernel_size
         self.num_features = kh * kw * block
         n_mats = groups if groups > 1 else 1
@@ -253,7 +316,8 @@ class FastDeconv(nn.Conv2d):
         return (super().extra_repr() + f", block={self.block}, n_iter={self.n_iter}, eps={self.eps}, "
                 f"sampling_stride={self.sampling_stride}, freeze={self.freeze}, sync={self.sync}"
                 + (f", stats_every={self.stats_every}" if self.stats_every > 1 else "")
-                + ("" if self.matrix_grad else ", matrix_grad=False"))
+                + ("" if self.matrix_grad else ", matrix_grad=False")
+                + ("" if self.norm_type == "none" else f", norm_type={self.norm_type}"))
 
     # -- statistics ---------------------------------------------------------------------------
 
@@ -405,6 +469,11 @@ class FastDeconv(nn.Conv2d):
             raise ValueError(f"FastDeconv expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"FastDeconv expects {self.in_channels} input channels, got {x.shape[1]}")
+        xn: torch.Tensor | None = None  # the normalised input in the statistics dtype (norm_type only)
+        if self.norm_type != "none":
+            with torch.autocast(x.device.type, enabled=False):
+                xn = sample_normalise(x, self.norm_type, self.eps)
+            x = xn.to(x.dtype)
         if not self.training:
             if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
                 # Gradients wanted in eval mode: fold afresh so they flow to the weight.
@@ -424,7 +493,8 @@ class FastDeconv(nn.Conv2d):
             if frozen:
                 mean, deconv = self._running()
             else:
-                xs = x.to(_stats_dtype(x.dtype))
+                # Statistics from the float32 normalised input, not from its cast back to bf16/fp16.
+                xs = xn if xn is not None else x.to(_stats_dtype(x.dtype))
                 if self._refresh_due():
                     mean, deconv = self._batch_statistics(xs)
                     self._update_running(mean, deconv)
