@@ -1,0 +1,26 @@
+"""Studies: the same training config under several variants and seeds, run as ordinary training runs, then
+compared with intervals over seeds (study file format: studies/README.md)."""
+
+from seg.study.aggregate import RunResult, load_run, read_metrics, summarize
+from seg.study.config import RunSpec, Study, load_study, plan_runs
+from seg.study.pipeline import StudyResult, default_out, run_study, write_results
+from seg.study.stats import Estimate, estimate, paired_differences, t_quantile
+
+__all__ = [
+    "Estimate",
+    "RunResult",
+    "RunSpec",
+    "Study",
+    "StudyResult",
+    "default_out",
+    "estimate",
+    "load_run",
+    "load_study",
+    "paired_differences",
+    "plan_runs",
+    "read_metrics",
+    "run_study",
+    "summarize",
+    "t_quantile",
+    "write_results",
+]

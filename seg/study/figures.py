@@ -1,0 +1,71 @@
+"""The study's PNG figures: validation mIoU against iterations and against training seconds, training loss
+against iterations; one line per variant (mean over its seeds) in a band from the seeds' minimum to maximum."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit picked up from the environment
+import matplotlib.pyplot as plt  # noqa: E402
+
+from seg.study.aggregate import RunResult  # noqa: E402
+
+FIGURES = {
+    "miou_vs_iteration.png": ("val", "iteration", "miou"),
+    "miou_vs_seconds.png": ("val", "train_seconds", "miou"),
+    "loss_vs_iteration.png": ("train", "iteration", "loss"),
+}
+LABELS = {"iteration": "iteration", "train_seconds": "training seconds (steps only, mean over seeds)",
+          "miou": "val mIoU (%)", "loss": "training loss"}
+BAND = "line: mean over seeds; band: min-max over seeds"
+
+
+def curve(runs: list[RunResult], event: str, x: str, y: str) -> tuple[list[float], list[float], list[float],
+                                                                        list[float]]:
+    """x, mean, min, max of ``y`` per iteration over the runs that logged that iteration.
+
+    Runs are paired by iteration; for ``x='train_seconds'`` the x value is the mean over those runs of the
+    seconds at that iteration (the seeds reach an iteration at slightly different times).
+    """
+    ys, xs = defaultdict(list), defaultdict(list)
+    for r in runs:
+        for rec in (r.val if event == "val" else r.train):
+            if rec.get(y) is None or rec.get(x) is None:
+                continue
+            ys[rec["iteration"]].append(rec[y])
+            xs[rec["iteration"]].append(rec[x])
+    its = sorted(ys)
+    return ([sum(xs[i]) / len(xs[i]) for i in its], [sum(ys[i]) / len(ys[i]) for i in its],
+            [min(ys[i]) for i in its], [max(ys[i]) for i in its])
+
+
+def plot(runs_by_variant: dict[str, list[RunResult]], event: str, x: str, y: str, path: Path, title: str) -> Path:
+    scale = 100.0 if y == "miou" else 1.0
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for variant, runs in runs_by_variant.items():
+        xs, mean, lo, hi = curve(runs, event, x, y)
+        if not xs:
+            continue
+        n = len([r for r in runs if (r.val if event == "val" else r.train)])
+        (line,) = ax.plot(xs, [scale * v for v in mean], marker="o" if len(xs) < 15 else None, ms=3,
+                          label=f"{variant} (n={n})")
+        ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=line.get_color(), alpha=0.2,
+                        linewidth=0)
+    ax.set_xlabel(LABELS[x])
+    ax.set_ylabel(LABELS[y])
+    ax.set_title(f"{title}\n{BAND}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_figures(runs_by_variant: dict[str, list[RunResult]], out: Path, name: str) -> list[Path]:
+    """The three figures in ``out``; runs that failed before logging anything simply add nothing."""
+    return [plot(runs_by_variant, event, x, y, out / fname, name) for fname, (event, x, y) in FIGURES.items()]

@@ -1,0 +1,99 @@
+"""A whole study, start to end: plan and check every run, run what is left, read the run folders back,
+write study.json, study.md and the figures."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seg.study.aggregate import RunResult, load_run, summarize
+from seg.study.config import REPO_ROOT, RunSpec, Study, plan_runs
+from seg.study.figures import write_figures
+from seg.study.report import write_report
+from seg.study.runner import Outcome, inspect_run, run_all, threads_per_job
+
+DEFAULT_ROOT = Path("checkpoints") / "studies"
+
+
+@dataclass
+class StudyResult:
+    summary: dict[str, Any]
+    files: list[Path]
+    runs: list[RunResult]
+    signum: int | None  # the signal that stopped the study, if one did
+
+    @property
+    def failed(self) -> list[RunResult]:
+        """Runs that ended without a result nor a divergence (diverged runs are results)."""
+        return [r for r in self.runs if r.status not in ("finished", "diverged")]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside (as a study file names it)."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def default_out(study: Study) -> Path:
+    return DEFAULT_ROOT / study.name
+
+
+def plan(specs: list[RunSpec], log: Callable[[str], None]) -> list[tuple[RunSpec, bool]]:
+    """The runs still to do, each with whether it resumes; says what is skipped and why."""
+    todo = []
+    for spec in specs:
+        state = inspect_run(spec)  # raises before anything starts if a folder holds another experiment
+        if state in ("done", "diverged"):
+            log(f"skip {spec.variant}/seed{spec.seed}: {'finished' if state == 'done' else 'diverged earlier'}")
+        else:
+            todo.append((spec, state == "resume"))
+    return todo
+
+
+def run_study(
+    study: Study,
+    out: Path | None = None,
+    cli_opts: list[str] | None = None,
+    device: str = "cpu",
+    jobs: int = 1,
+    gpus: int = 0,
+    log: Callable[[str], None] = print,
+) -> StudyResult:
+    """Run every (variant, seed) not yet finished and write the report; raises ConfigError up front for a bad
+    study, a bad run config or a run folder trained with other settings."""
+    out = Path(out) if out is not None else default_out(study)
+    specs = plan_runs(study, out, cli_opts)
+    todo = plan(specs, log)
+    if todo and jobs > 1:
+        log(f"{jobs} runs at a time; each gets OMP_NUM_THREADS={threads_per_job(jobs)} (cores // jobs) unless "
+            "OMP_NUM_THREADS is set" + ("; GPUs round robin" if device == "cuda" and gpus > 1 else ""))
+    outcomes, signum = run_all(todo, device, jobs, gpus, log) if todo else ({}, None)
+    return write_results(study, out, specs, outcomes, signum, cli_opts)
+
+
+def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[tuple[str, int], Outcome],
+                  signum: int | None = None, cli_opts: list[str] | None = None) -> StudyResult:
+    """Read every run folder back and write study.json, study.md and the figures into ``out``."""
+    runs = []
+    for spec in specs:
+        o = outcomes.get(spec.key)
+        runs.append(load_run(spec.variant, spec.seed, spec.work_dir, spec.cfg.train.iterations,
+                             None if o is None else (o.status, o.message)))
+    command = ["python", "tools/study.py", str(study.source), "--out", str(out)]
+    header = {
+        "name": study.name,
+        "base": _shown(study.base),
+        "seeds": study.seeds,
+        "opts": [*study.opts, *(cli_opts or [])],
+        "out": str(out),
+        "command": shlex.join(command + (["--opts", *cli_opts] if cli_opts else [])),
+    }
+    summary = summarize(header, study.baseline, study.variants, runs)
+    files = list(write_report(summary, out))
+    files += write_figures({v: [r for r in runs if r.variant == v] for v in study.variants}, out, study.name)
+    return StudyResult(summary, files, runs, signum)

@@ -1,0 +1,155 @@
+"""study.json (every number, plain data) and study.md (the table, what the intervals can and cannot tell
+apart, the figures, how each number is computed), both written from :func:`seg.study.aggregate.summarize`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from seg.study.figures import BAND, FIGURES
+
+
+def pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def interval(ci: list[float] | None, signed: bool = False) -> str:
+    return "–" if ci is None else f"[{pct(ci[0], signed)}, {pct(ci[1], signed)}]"
+
+
+def _mean_std(e: dict[str, Any] | None, signed: bool = False) -> str:
+    if e is None:
+        return "–"
+    return pct(e["mean"], signed) + ("" if e["std"] is None else f" ± {pct(e['std'])}")
+
+
+def _convergence(row: dict[str, Any]) -> str:
+    """Per seed: 'iteration (seconds)' of the first validation at the threshold, or why there is none."""
+    parts = []
+    for run in row["runs"]:
+        reached = run["reached"]
+        if run["status"] == "diverged":
+            text = "diverged"
+        elif reached is None:
+            text = "not reached" if run["status"] == "finished" else run["status"]
+        else:
+            secs = reached["train_seconds"]
+            text = f"{reached['iteration']}" + ("" if secs is None else f" ({secs:.0f} s)")
+        parts.append(f"s{run['seed']}: {text}")
+    return ", ".join(parts)
+
+
+def table(summary: dict[str, Any]) -> list[str]:
+    base = summary["baseline"]
+    lines = [
+        f"| variant | runs finished / diverged / other | val mIoU % (mean ± std) | 95% CI | Δ mIoU vs {base} (paired) "
+        f"| 95% CI of Δ | pixel acc % | s / iter (median) | peak memory | reached 90% of {base}: iteration (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["variants"].items():
+        c, diff = row["counts"], row["diff_to_baseline"]
+        failed = c["failed"] + c["interrupted"] + c["incomplete"]
+        mem = "–" if row["peak_mem_gb"] is None else f"{row['peak_mem_gb']:.2f} GB ({row['mem_kind']})"
+        spi = row["seconds_per_iteration_median"]
+        lines.append(
+            f"| {name} | {c['finished']} / {c['diverged']} / {failed} | {_mean_std(row['miou'])} "
+            f"| {interval(row['miou'] and row['miou']['ci95'])} "
+            f"| {'baseline' if name == base else _mean_std(diff, signed=True)} "
+            f"| {'' if name == base else interval(diff and diff['ci95'], signed=True)} "
+            f"| {pct(row['acc_mean'])} | {'–' if spi is None else f'{spi:.3f}'} | {mem} | {_convergence(row)} |"
+        )
+    return lines
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """Which paired differences to the baseline the 95% intervals separate from 0, and which they cannot."""
+    base = summary["baseline"]
+    if len(summary["seeds"]) < 2:
+        return ("One seed per variant: no standard deviation and no intervals, so the differences to "
+                f"{base} are single observations that cannot be told apart from seed-to-seed noise.")
+    apart, together, missing = [], [], []
+    for name, row in summary["variants"].items():
+        diff = row["diff_to_baseline"]
+        if name == base:
+            continue
+        if diff is None or diff["separated"] is None:
+            missing.append(name)
+        elif diff["separated"]:
+            word = "higher" if diff["mean"] > 0 else "lower"
+            apart.append(f"{name} ({word}: Δ {pct(diff['mean'], True)} points, CI {interval(diff['ci95'], True)})")
+        else:
+            together.append(f"{name} (Δ {pct(diff['mean'], True)}, CI {interval(diff['ci95'], True)})")
+    parts = []
+    if together:
+        parts.append(f"The 95% intervals of the paired difference to {base} contain 0 for {', '.join(together)}: "
+                     f"these differences cannot be separated from seed noise with {len(summary['seeds'])} seeds.")
+    if apart:
+        parts.append(f"They exclude 0 for {', '.join(apart)}: these differences are separated.")
+    if missing:
+        parts.append(f"No interval for {', '.join(missing)} (fewer than two seeds finished in both).")
+    return " ".join(parts) or f"No variant besides {base}."
+
+
+METHODS = """\
+## How the numbers are computed
+
+- **Final val mIoU**: each run's validation record at its last iteration (`metrics.jsonl`; when a resumed run
+  logged an iteration twice, the last record counts). Diverged and failed runs are left out of every mean and
+  counted in the second column.
+- **mean ± std**: sample standard deviation (n − 1). **95% CI**: mean ± t(0.975, n − 1) · std / √n (Student t,
+  n = finished seeds).
+- **Δ vs baseline (paired)**: per seed, variant − baseline (same seed: same initial draws and data order), over
+  the seeds both finished; its mean ± std and t interval with n − 1 degrees of freedom. An interval that
+  contains 0 cannot separate the variant from the baseline.
+- **s / iter**: the run's training-step seconds (`train_seconds`, carried over resumes; no validation or
+  checkpoint time) / iterations, median over finished seeds. Runs of one study on one machine only compare
+  fairly when they ran alike (same device, same `--jobs`).
+- **peak memory**: the largest `peak_mem_gb` of the runs' train records; `cuda` = `torch.cuda.max_memory_allocated`,
+  `rss` = the training process's peak resident set size (CPU runs).
+- **reached 90%**: the first validation whose mIoU is at least 90% of the baseline's mean final mIoU ({threshold}),
+  per seed; its resolution is `train.val_interval`.
+"""
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    threshold = summary["convergence_threshold"]
+    opts = " ".join(summary["opts"]) or "none"
+    lines = [
+        f"# Study `{summary['name']}`",
+        "",
+        f"Base config `{summary['base']}`, seeds {summary['seeds']}, baseline `{summary['baseline']}`, "
+        f"overrides for every run: `{opts}`. Command: `{summary['command']}`",
+        "",
+        "## Final validation mIoU",
+        "",
+        *table(summary),
+        "",
+        verdict(summary),
+        "",
+        "## Figures",
+        "",
+    ]
+    for fname in FIGURES:
+        lines += [f"![{fname}]({fname})", ""]
+    lines += [f"{BAND}; n = runs with records.", ""]
+    problems = [(v, r) for v, row in summary["variants"].items() for r in row["runs"] if r["status"] != "finished"]
+    if problems:
+        lines += ["## Runs that did not finish", ""]
+        lines += [f"- {v}/seed{r['seed']}: {r['status']}" + (f": {r['message'].splitlines()[0]}" if r["message"]
+                                                              else "") for v, r in problems]
+        lines.append("")
+    lines.append(METHODS.format(threshold="none: the baseline has no finished run" if threshold is None
+                                else f"{pct(threshold)}%"))
+    return "\n".join(lines)
+
+
+def write_report(summary: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """``out/study.json`` and ``out/study.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "study.json", out / "study.md"
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    md_path.write_text(markdown(summary))
+    return json_path, md_path
