@@ -1,0 +1,347 @@
+"""seg.study and tools/study.py: study files, statistics against hand computations, aggregation of
+hand-written metrics (resumed duplicates, a divergence), and a tiny real study (bn, deconv x 2 seeds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seg.checkpoint import save_checkpoint
+from seg.config import ConfigError, to_dict
+from seg.study import estimate, load_run, load_study, paired_differences, plan_runs, run_study, summarize, t_quantile
+from seg.study.aggregate import latest_records, read_metrics
+from seg.study.report import markdown
+from seg.study.runner import inspect_run, train_command
+from seg.study.stats import median, t_two_sided_mass
+from tools import study as study_tool
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("miou_vs_iteration.png", "miou_vs_seconds.png", "loss_vs_iteration.png")
+
+
+def tiny_opts(root: Path, iterations: int = 2) -> list[str]:
+    """Seconds-long CPU runs on the session's synthetic set (batch 2: BatchNorm needs two values per channel)."""
+    return [f"data.root={root}", "data.crop_size=[32,64]", "data.num_workers=0", "model.deconv.block=8",
+            "train.batch_size=2", f"train.iterations={iterations}", "train.log_interval=1", "train.val_interval=1",
+            "train.checkpoint_interval=100", "eval.batch_size=1"]
+
+
+def write_study(path: Path, **changes: object) -> Path:
+    data = {"name": "tiny", "base": "configs/demo.yaml", "seeds": [0, 1], "baseline": "bn",
+            "variants": {"bn": ["model.norm=bn"], "deconv": ["model.norm=deconv"]}}
+    data.update(changes)
+    data = {k: v for k, v in data.items() if v is not None}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+@pytest.mark.parametrize(("level", "dof", "expected"), [
+    # Printed tables of Student's t (two-sided): 95% for 1, 2, 4, 10, 30, 100 dof; 99% for 5; 90% for 3.
+    (0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 4, 2.7764), (0.95, 10, 2.2281), (0.95, 30, 2.0423),
+    (0.95, 100, 1.9840), (0.99, 5, 4.0321), (0.90, 3, 2.3534),
+])
+def test_t_quantile_matches_the_table(level: float, dof: int, expected: float) -> None:
+    assert t_quantile(level, dof) == pytest.approx(expected, abs=5e-5)
+    assert t_two_sided_mass(t_quantile(level, dof), dof) == pytest.approx(level, abs=1e-12)
+
+
+def test_t_mass_closed_forms() -> None:
+    # 1 dof is the Cauchy distribution, 2 dof has P(|T| <= t) = t / sqrt(2 + t^2).
+    for t in (0.3, 1.0, 5.0):
+        assert t_two_sided_mass(t, 1) == pytest.approx(2 / math.pi * math.atan(t), abs=1e-14)
+        assert t_two_sided_mass(t, 2) == pytest.approx(t / math.sqrt(2 + t * t), abs=1e-14)
+
+
+def test_estimate_by_hand() -> None:
+    e = estimate([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, std sqrt(10 / 4), half width t(0.975, 4) * std / sqrt(5) = 2.776445 * 1.581139 / 2.236068
+    assert (e.n, e.mean) == (5, 3.0)
+    assert e.std == pytest.approx(math.sqrt(2.5))
+    assert e.ci == pytest.approx((3 - 1.963243, 3 + 1.963243), abs=1e-6)
+    assert e.contains(1.5) and not e.contains(0.9)
+    one = estimate([0.4])
+    assert (one.mean, one.std, one.ci, one.contains(0.0)) == (0.4, None, None, None)
+    assert estimate([]) is None
+
+
+def test_paired_differences_use_common_seeds_only() -> None:
+    d = paired_differences({0: 0.5, 1: 0.7, 2: 0.9}, {0: 0.4, 2: 0.6, 3: 0.1})
+    assert d == pytest.approx({0: 0.1, 2: 0.3})
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0]) == 2.5 and median([]) is None
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation of hand-written metrics.jsonl
+
+
+def _val(it: int, miou: float, secs: float, acc: float = 0.8) -> dict:
+    return {"event": "val", "iteration": it, "time": 0.0, "miou": miou, "acc": acc, "macc": 0.5, "iou": [miou],
+            "train_seconds": secs}
+
+
+def _train(it: int, loss: float, secs: float, mem: float = 1.0) -> dict:
+    return {"event": "train", "iteration": it, "time": 0.0, "loss": loss, "lr": 0.1, "data_time": 0.01,
+            "iter_time": 0.5, "train_seconds": secs, "peak_mem_gb": mem, "mem_kind": "cuda"}
+
+
+def _write_run(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture
+def hand_runs(tmp_path: Path) -> list:
+    """bn seeds 0-2 and deconv seeds 0-2 over 20 iterations (val every 10); deconv seed 2 diverged, bn seed 1
+    was resumed (iterations 11-20 logged twice: the second records count)."""
+    finals = {"bn": [0.50, 0.52, 0.54], "deconv": [0.55, 0.58, None]}
+    runs = []
+    for variant, values in finals.items():
+        for seed, final in enumerate(values):
+            rows = [_train(10, 2.0, 10.0, mem=1.0 + seed), _val(10, 0.40 + 0.1 * (variant == "deconv"), 10.0)]
+            if final is None:
+                rows += [_train(15, 1.9, 15.0), {"event": "diverged", "iteration": 16, "message": "loss is nan"}]
+            else:
+                if variant == "bn" and seed == 1:  # first attempt of 11-20, then the resumed one
+                    rows += [_train(20, 9.0, 99.0), _val(20, 0.01, 99.0)]
+                rows += [_train(20, 1.5, 20.0 + seed), _val(20, final, 20.0 + seed, acc=0.9)]
+            folder = _write_run(tmp_path / variant / f"seed{seed}", rows)
+            runs.append(load_run(variant, seed, folder, 20))
+    return runs
+
+
+def test_latest_records_keep_the_last_per_iteration(hand_runs: list) -> None:
+    bn1 = next(r for r in hand_runs if (r.variant, r.seed) == ("bn", 1))
+    rows = read_metrics(Path(bn1.work_dir) / "metrics.jsonl")
+    assert [r["miou"] for r in latest_records(rows, "val")] == [0.40, 0.52]
+    assert bn1.final["miou"] == 0.52 and bn1.seconds_per_iteration == pytest.approx(21.0 / 20)
+
+
+def test_read_metrics_drops_a_cut_last_line_only(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_val(1, 0.1, 1.0)) + "\n" + '{"event": "tra')
+    assert len(read_metrics(path)) == 1
+    path.write_text('{"event": "tra\n' + json.dumps(_val(1, 0.1, 1.0)) + "\n")
+    with pytest.raises(Exception, match="metrics.jsonl:1"):
+        read_metrics(path)
+
+
+def test_summary_by_hand(hand_runs: list) -> None:
+    s = summarize({"name": "hand", "seeds": [0, 1, 2], "opts": [], "base": "b.yaml", "command": "c"}, "bn",
+                  {"bn": ["model.norm=bn"], "deconv": ["model.norm=deconv"]}, hand_runs)
+    bn, dc = s["variants"]["bn"], s["variants"]["deconv"]
+    t2, t1 = 4.302653, 12.706205
+    assert bn["miou"]["mean"] == pytest.approx(0.52) and bn["miou"]["std"] == pytest.approx(0.02)
+    assert bn["miou"]["ci95"] == pytest.approx([0.52 - t2 * 0.02 / math.sqrt(3), 0.52 + t2 * 0.02 / math.sqrt(3)])
+    # The diverged seed is counted, not averaged: deconv over seeds 0 and 1.
+    assert dc["counts"]["diverged"] == 1 and dc["counts"]["finished"] == 2
+    assert dc["miou"]["n"] == 2 and dc["miou"]["mean"] == pytest.approx(0.565)
+    # Paired: 0.55 - 0.50 = 0.05 and 0.58 - 0.52 = 0.06 -> mean 0.055, std 0.00707, half t(1) * 0.005.
+    diff = dc["diff_to_baseline"]
+    assert diff["seeds"] == [0, 1] and diff["mean"] == pytest.approx(0.055)
+    assert diff["std"] == pytest.approx(math.sqrt(2) * 0.005)
+    assert diff["ci95"] == pytest.approx([0.055 - t1 * 0.005, 0.055 + t1 * 0.005])
+    assert diff["separated"] is False and bn["diff_to_baseline"] is None
+    assert bn["acc_mean"] == pytest.approx(0.9)
+    assert bn["seconds_per_iteration_median"] == pytest.approx(21.0 / 20)  # (20, 21, 22) / 20
+    assert (bn["peak_mem_gb"], bn["mem_kind"]) == (3.0, "cuda")
+    # Convergence: 90% of bn's mean 0.52 = 0.468; bn reaches it at 20, deconv (0.50 at 10) at 10.
+    assert s["convergence_threshold"] == pytest.approx(0.468)
+    assert [r["reached"] for r in bn["runs"]] == [{"iteration": 20, "train_seconds": 20.0 + k} for k in range(3)]
+    assert [r["reached"] for r in dc["runs"]] == [{"iteration": 10, "train_seconds": 10.0}] * 3
+    assert dc["runs"][2]["status"] == "diverged" and dc["runs"][2]["message"] == "loss is nan"
+    text = markdown(s)
+    assert "contain 0 for deconv" in text and "cannot be separated" in text and "s2: diverged" in text
+
+
+def test_verdict_separates_and_one_seed_says_so(hand_runs: list) -> None:
+    header = {"name": "hand", "seeds": [0, 1, 2], "opts": [], "base": "b.yaml", "command": "c"}
+    shifted = [r for r in hand_runs if r.variant == "bn"]
+    for r in hand_runs:
+        if r.variant == "bn":
+            fake = type(r)(**{**r.__dict__, "variant": "better", "val": [dict(v) for v in r.val]})
+            for k, v in enumerate(fake.val):
+                v["miou"] += 0.1 + 0.001 * k * r.seed
+            shifted.append(fake)
+    s = summarize(header, "bn", {"bn": [], "better": []}, shifted)
+    assert s["variants"]["better"]["diff_to_baseline"]["separated"] is True
+    assert "exclude 0 for better (higher" in markdown(s)
+    one = summarize({**header, "seeds": [0]}, "bn", {"bn": [], "deconv": []},
+                    [r for r in hand_runs if r.seed == 0])
+    assert one["variants"]["deconv"]["diff_to_baseline"]["ci95"] is None
+    assert "One seed per variant: no standard deviation and no intervals" in markdown(one)
+
+
+# --------------------------------------------------------------------------------------------
+# study files
+
+
+@pytest.mark.parametrize(("changes", "names"), [
+    ({"seeds": []}, ["'seeds'"]),
+    ({"variants": {}}, ["'variants'"]),
+    ({"baseline": "gn"}, ["'baseline'", "gn"]),
+    ({"colour": "red"}, ["unknown key 'colour'"]),
+    ({"variants": {"bn": ["model.norm"]}}, ["'variants.bn'", "model.norm"]),
+    ({"opts": ["train.seed=3"]}, ["'opts'", "train.seed"]),
+    ({"base": "configs/nope.yaml"}, ["'base'", "nope.yaml"]),
+    ({"name": "../escape"}, ["'name'"]),
+    ({"variants": {"bn": ["model.norm=bn"], "deconv": ["model.nrom=deconv"]}}, ["variant 'deconv'", "model.nrom"]),
+    ({"variants": {"bn": ["model.norm=batchnorm"]}}, ["variant 'bn'", "batchnorm"]),
+])
+def test_bad_study_files_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture, changes: dict,
+                                            names: list[str]) -> None:
+    path = write_study(tmp_path / "bad.yaml", **changes)
+    assert study_tool.main([str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert all(n in lines[0] for n in [str(path), *names]), lines[0]
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_overrides_order_and_plan(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path / "s.yaml", opts=["train.lr=0.05"]))
+    assert study.base == REPO / "configs" / "demo.yaml"
+    specs = plan_runs(study, tmp_path / "out", ["train.iterations=7"])
+    assert [(s.variant, s.seed) for s in specs] == [("bn", 0), ("bn", 1), ("deconv", 0), ("deconv", 1)]
+    assert specs[3].overrides == ["train.lr=0.05", "model.norm=deconv", "train.iterations=7", "train.seed=1"]
+    assert (specs[3].cfg.train.seed, specs[3].cfg.train.iterations, specs[3].cfg.model.norm) == (1, 7, "deconv")
+    assert specs[3].work_dir == tmp_path / "out" / "deconv" / "seed1"
+    cmd = train_command(specs[3], "cpu", resume=True)
+    assert cmd[cmd.index("--work-dir") + 1] == str(specs[3].work_dir) and "--resume" in cmd
+    assert cmd[cmd.index("--opts") + 1:] == specs[3].overrides
+    with pytest.raises(ConfigError, match="train.seed"):
+        plan_runs(study, tmp_path / "out", ["train.seed=4"])
+
+
+def test_inspect_run_states(tmp_path: Path) -> None:
+    spec = plan_runs(load_study(write_study(tmp_path / "s.yaml")), tmp_path / "out", ["train.iterations=5"])[0]
+    assert inspect_run(spec) == "new"
+    state = {"model": {}, "config": to_dict(spec.cfg), "iteration": 3}
+    save_checkpoint(state, spec.work_dir / "last.pth")
+    assert inspect_run(spec) == "resume"
+    save_checkpoint({**state, "iteration": 5}, spec.work_dir / "last.pth")
+    assert inspect_run(spec) == "done"
+    save_checkpoint({**state, "config": {**state["config"], "train": {**state["config"]["train"], "lr": 0.5}}},
+                    spec.work_dir / "last.pth")
+    with pytest.raises(ConfigError, match="train.lr"):  # the folder holds another experiment
+        inspect_run(spec)
+    save_checkpoint(state, spec.work_dir / "last.pth")
+    (spec.work_dir / "metrics.jsonl").write_text(json.dumps({"event": "diverged", "iteration": 4}) + "\n")
+    assert inspect_run(spec) == "diverged"
+
+
+# --------------------------------------------------------------------------------------------
+# a real tiny study
+
+
+@pytest.fixture(scope="module")
+def tiny_study(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """bn and deconv x seeds 0, 1, two iterations each, two runs at a time."""
+    d = tmp_path_factory.mktemp("study")
+    study = load_study(write_study(d / "tiny.yaml"))
+    lines: list[str] = []
+    result = run_study(study, d / "out", tiny_opts(synthetic_root), device="cpu", jobs=2, log=lines.append)
+    return {"study": study, "out": d / "out", "result": result, "log": lines, "opts": tiny_opts(synthetic_root)}
+
+
+def test_tiny_study_writes_its_files(tiny_study: dict) -> None:
+    out, result = tiny_study["out"], tiny_study["result"]
+    assert not result.failed and result.signum is None, [r.message for r in result.failed]
+    for name in ("study.json", "study.md", *FIGURES):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "miou_vs_iteration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for variant in ("bn", "deconv"):
+        for seed in (0, 1):
+            assert "done: 2 iterations" in (out / variant / f"seed{seed}" / "train.log").read_text()
+    assert any("OMP_NUM_THREADS" in line for line in tiny_study["log"])
+
+
+def test_tiny_study_numbers_come_from_the_runs(tiny_study: dict) -> None:
+    out = tiny_study["out"]
+    summary = json.loads((out / "study.json").read_text())
+    finals = {}
+    for variant, row in summary["variants"].items():
+        assert row["counts"]["finished"] == 2
+        for run in row["runs"]:
+            rows = read_metrics(out / variant / f"seed{run['seed']}" / "metrics.jsonl")
+            val = [r for r in rows if r["event"] == "val"][-1]
+            train = [r for r in rows if r["event"] == "train"]
+            assert val["iteration"] == 2
+            assert (run["final_miou"], run["final_acc"], run["final_macc"]) == (val["miou"], val["acc"], val["macc"])
+            assert run["seconds_per_iteration"] == pytest.approx(val["train_seconds"] / 2)
+            assert run["peak_mem_gb"] == max(r["peak_mem_gb"] for r in train) and run["mem_kind"] == "rss"
+            finals[variant, run["seed"]] = val["miou"]
+        values = [finals[variant, s] for s in (0, 1)]
+        assert row["miou"]["mean"] == pytest.approx(sum(values) / 2)
+        assert row["miou"]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    diffs = [finals["deconv", s] - finals["bn", s] for s in (0, 1)]
+    assert summary["variants"]["deconv"]["diff_to_baseline"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert "deconv" in (out / "study.md").read_text()
+
+
+def test_second_call_skips_finished_runs(tiny_study: dict) -> None:
+    out = tiny_study["out"]
+    before = {p: p.read_text() for p in out.glob("*/seed*/metrics.jsonl")}
+    lines: list[str] = []
+    t0 = time.time()
+    result = run_study(tiny_study["study"], out, tiny_study["opts"], device="cpu", jobs=2, log=lines.append)
+    assert not result.failed
+    assert sum(line.startswith("skip") for line in lines) == 4 and not any("start" in line for line in lines)
+    assert {p: p.read_text() for p in before} == before  # no new records
+    assert time.time() - t0 < 60
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_a_failing_run_is_recorded_and_the_study_exits_1(tmp_path: Path, synthetic_root: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    # The config is valid, the data root is not there: train.py fails (exit 1) with no 'diverged' record.
+    path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]})
+    argv = [str(path), "--out", str(tmp_path / "out"), "--device", "cpu", "--opts",
+            *tiny_opts(tmp_path / "nowhere")]
+    assert study_tool.main(argv) == 1
+    assert "bn/seed0 (failed)" in capsys.readouterr().err
+    run = json.loads((tmp_path / "out" / "study.json").read_text())["variants"]["bn"]["runs"][0]
+    assert run["status"] == "failed" and "nowhere" in run["message"] and "exit code 1" in run["message"]
+
+
+def test_ctrl_c_stops_the_children_cleanly(tmp_path: Path, synthetic_root: Path) -> None:
+    path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]})
+    run_dir = tmp_path / "out" / "bn" / "seed0"
+    cmd = [sys.executable, "tools/study.py", str(path), "--out", str(tmp_path / "out"), "--device", "cpu",
+           "--opts", *tiny_opts(synthetic_root, iterations=100000)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any(
+                r["event"] == "train" for r in read_metrics(run_dir / "metrics.jsonl")):
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, out + err
+    assert "interrupted bn/seed0" in out and "Traceback" not in err
+    assert "stopped by SIGINT" in (run_dir / "train.log").read_text() and (run_dir / "last.pth").is_file()
+    summary = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert summary["variants"]["bn"]["runs"][0]["status"] == "interrupted"
