@@ -3,6 +3,7 @@
 from seg.nn.convert import deconvolve, fold_deconv
 from seg.nn.deconv import ChannelDeconv, Delinear, FastDeconv, SampleNormConv2d
 from seg.nn.isqrt import isqrt_newton_schulz
+from seg.nn.iternorm import IterNorm
 
-__all__ = ["ChannelDeconv", "Delinear", "FastDeconv", "SampleNormConv2d", "deconvolve", "fold_deconv",
+__all__ = ["ChannelDeconv", "Delinear", "FastDeconv", "IterNorm", "SampleNormConv2d", "deconvolve", "fold_deconv",
            "isqrt_newton_schulz"]
