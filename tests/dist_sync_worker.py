@@ -14,18 +14,18 @@ from seg.nn import FastDeconv
 SPLIT = (3, 2)  # samples on rank 0 and rank 1
 
 
-def make_inputs(stats_every: int = 1, matrix_grad: bool = True):
+def make_inputs(stats_every: int = 1, matrix_grad: bool = True, norm_type: str = "none"):
     torch.manual_seed(0)
     layer = FastDeconv(8, 5, 3, padding=1, block=4, sync=True, stats_every=stats_every,
-                       matrix_grad=matrix_grad).double()
+                       matrix_grad=matrix_grad, norm_type=norm_type).double()
     x = torch.randn(sum(SPLIT), 8, 10, 9, dtype=torch.float64) * 1.5 + 0.3
     grad = torch.randn(sum(SPLIT), 5, 10, 9, dtype=torch.float64)
     return layer, x, grad
 
 
-def worker(rank: int, out_dir: str, init_file: str, stats_every: int, matrix_grad: bool) -> None:
+def worker(rank: int, out_dir: str, init_file: str, stats_every: int, matrix_grad: bool, norm_type: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    layer, x, grad = make_inputs(stats_every, matrix_grad)
+    layer, x, grad = make_inputs(stats_every, matrix_grad, norm_type)
     lo = sum(SPLIT[:rank])
     xl = x[lo: lo + SPLIT[rank]].clone().requires_grad_()
     for _ in range(2):  # two steps: running statistics accumulate (stats_every=2: the second one rescales)
@@ -45,4 +45,6 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     stats_every = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     matrix_grad = sys.argv[3] != "false" if len(sys.argv) > 3 else True
-    mp.spawn(worker, args=(out_dir, os.path.join(out_dir, "init"), stats_every, matrix_grad), nprocs=2, join=True)
+    norm_type = sys.argv[4] if len(sys.argv) > 4 else "none"
+    mp.spawn(worker, args=(out_dir, os.path.join(out_dir, "init"), stats_every, matrix_grad, norm_type), nprocs=2,
+             join=True)
