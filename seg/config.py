@@ -18,6 +18,9 @@ import yaml
 from seg.errors import UserError
 
 
+SEGMENTATION_ARCHS = ("deeplabv3", "deeplabv3plus", "fcn")
+
+
 class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
@@ -135,7 +138,9 @@ class ChannelDeconvConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     _key = "model"
-    arch: str = opt("deeplabv3", choices=("deeplabv3", "deeplabv3plus", "fcn"))
+    # segmentation: deeplabv3 | deeplabv3plus | fcn; classification: a CIFAR architecture of the paper
+    # (vgg11/13/16/19, resnet18/34/50) or any torchvision/timm classifier by name (tv:resnet50, timm:densenet121)
+    arch: str = "deeplabv3"
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
     output_stride: int = opt(8, choices=(8, 16))
     # What replaces normalisation in the whole model (encoder and heads): deconv (network deconvolution in
@@ -149,11 +154,18 @@ class ModelConfig(_Section):
     aux_loss: bool = False  # auxiliary FCN head on the stride-16 stage
     num_classes: int = opt(19, ge=1)
     pretrained: str | None = None  # local file of encoder or model weights; nothing is downloaded
+    # Classification heads, as the paper's main.py: block_fc > 0 whitens the classifier's input in blocks of
+    # that size (fc_whitening: delinear = a Delinear layer, channel_deconv = ChannelDeconv before a Linear).
+    block_fc: int = opt(0, ge=0)
+    fc_whitening: str = opt("delinear", choices=("delinear", "channel_deconv"))
 
 
 @dataclass
 class DataConfig(_Section):
     _key = "data"
+    # cityscapes (the Cityscapes layout, segmentation); cifar10 | cifar100 (the official python archives
+    # under root) | imagenet (root/train/<class>/..., root/val/<class>/...) for classification
+    dataset: str = opt("cityscapes", choices=("cityscapes", "cifar10", "cifar100", "imagenet"))
     root: str = "datasets/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
@@ -184,6 +196,7 @@ class TrainConfig(_Section):
     lr: float = opt(0.1, gt=0)
     momentum: float = opt(0.9, ge=0, lt=1)
     weight_decay: float = opt(1e-4, ge=0)
+    schedule: str = opt("poly", choices=("poly", "cosine"))  # learning-rate decay per iteration
     poly_power: float = opt(0.9, ge=0)
     warmup_iters: int = opt(0, ge=0)
     warmup_ratio: float = opt(0.1, ge=0, le=1)
@@ -215,12 +228,20 @@ class EvalConfig(_Section):
 
 @dataclass
 class Config(_Section):
-    task: str = opt("segmentation", choices=("segmentation",))
+    task: str = opt("segmentation", choices=("segmentation", "classification"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     work_dir: str | None = None  # default: checkpoints/<config file stem>
+
+    def check(self) -> None:
+        if self.task == "segmentation":
+            _check_value("model.arch", self.model.arch, {"choices": SEGMENTATION_ARCHS})
+            _check_value("data.dataset", self.data.dataset, {"choices": ("cityscapes",)})
+        elif self.data.dataset == "cityscapes":
+            raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
+                              "'classification' expects one of cifar10, cifar100, imagenet")
 
 
 # --------------------------------------------------------------------------------------------

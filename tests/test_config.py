@@ -152,3 +152,16 @@ def test_sections_built_in_code_are_checked_too() -> None:
 def test_override_errors_name_the_file() -> None:
     with pytest.raises(ConfigError, match=r"demo\.yaml.*train\.batch_size"):
         load_config(CONFIGS / "demo.yaml", ["train.batch_size=0"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.arch=resnet18"], "model.arch"),  # a classifier under task: segmentation
+        (["data.dataset=cifar10"], "data.dataset"),
+        (["task=classification"], "data.dataset"),  # classification on the Cityscapes layout
+    ],
+)
+def test_task_decides_which_arch_and_dataset_fit(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(CONFIGS / "demo.yaml", overrides)

@@ -62,3 +62,15 @@ def test_scheduler_state_resumes_from_weights_only_file(tmp_path: Path) -> None:
         opt2.step()
         sched2.step()
     assert rest == pytest.approx(full[7:])
+
+
+def test_cosine_schedule_follows_the_formula() -> None:
+    import math
+
+    from seg.engine.optim import PolyWarmup
+
+    f = PolyWarmup(100, kind="cosine")
+    assert f(0) == 1.0 and abs(f(100)) < 1e-12 and f(200) == f(100)
+    assert abs(f(25) - (1 + math.cos(math.pi / 4)) / 2) < 1e-12
+    warm = PolyWarmup(100, warmup_iters=10, warmup_ratio=0.1, kind="cosine")
+    assert abs(warm(5) - f(5) * (0.1 + 0.9 * 0.5)) < 1e-12
