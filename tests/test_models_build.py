@@ -1,4 +1,5 @@
-"""build_model: every arch x norm x output stride, dilated geometry, padding, init, norms, determinism."""
+"""build_model: every arch x norm (bn, deconv) x output stride, dilated geometry, padding, init, norms,
+determinism. The other norms (gn, iternorm, channel_deconv, none) are in test_models_norms.py."""
 
 from __future__ import annotations
 
@@ -356,14 +357,14 @@ def test_contract_dilation_leaves_undilated_and_unknown_encoders_alone() -> None
 def test_every_deconv_setting_reaches_the_layers() -> None:
     d = DeconvConfig(block=8, sampling_stride=2, n_iter=3, eps=1e-3, momentum=0.2, stem_n_iter=11,
                      stem_freeze=False, stem_freeze_iter=50, sync=True, classifier=False, stats_every=2,
-                     matrix_grad=False)
+                     matrix_grad=False, norm_type="layernorm")
     assert all(getattr(d, f.name) != f.default for f in dataclasses.fields(DeconvConfig)), "set every field"
     model = build_model(make_cfg(arch="fcn", output_stride=16, aux_loss=True, deconv=d))
     layers = {n: m for n, m in convs(model).items() if isinstance(m, FastDeconv)}
     stem, body = layers.pop("encoder.conv1"), list(layers.values())
     assert (stem.n_iter, stem.freeze, stem.freeze_iter, stem.stats_every, stem.matrix_grad) == (11, False, 50, 1, True)
     for m in [stem, *body]:
-        assert (m.sampling_stride, m.eps, m.momentum, m.sync) == (2, 1e-3, 0.2, True)
+        assert (m.sampling_stride, m.eps, m.momentum, m.sync, m.norm_type) == (2, 1e-3, 0.2, True, "layernorm")
     for m in body:  # (the stem whitens its 3 input channels together, whatever the block)
         assert (m.block, m.n_iter, m.freeze, m.stats_every, m.matrix_grad) == (8, 3, False, 2, False)
     assert type(model.head.classifier) is nn.Conv2d and type(model.aux_head.classifier) is nn.Conv2d

@@ -3,9 +3,22 @@
 
 Order matters: smp builds the encoder (its dilation patch rewrites ``nn.Conv2d`` at construction),
 ``contract_dilation`` gives a dilated ResNet torchvision's geometry, the heads are initialised, then
-the norm is applied (``deconvolve`` copies the conv weights and geometry, so both norms start from the
-same layers for a given seed), and last the local pretrained weights are loaded, since they must match
-the final layers (FastDeconv buffers or BatchNorm statistics).
+the norm is applied to the whole model (``deconvolve`` copies the conv weights and geometry, and the other
+norms replace only the BatchNorm layers, so every norm starts from the same conv weights for a given seed),
+and last the local pretrained weights are loaded, since they must match the final layers (FastDeconv
+buffers or BatchNorm statistics).
+
+``model.norm`` choices, each applied to the encoder and the heads alike (see :data:`NORMS`):
+
+* ``bn``: BatchNorm as the libraries build it; SyncBatchNorm under a process group on CUDA.
+* ``deconv``: every conv becomes a ``FastDeconv``, every BatchNorm is removed.
+* ``gn``: ``GroupNorm`` with ``model.gn_groups`` groups, or, where those do not divide the channels, the
+  largest number below that does (DeepLabV3+'s 48-channel skip projection gets 24 at the default 32).
+* ``iternorm``: ``IterNorm`` with the ``model.iternorm`` settings.
+* ``channel_deconv``: the reference's ``ChannelDeconv`` (channel-only whitening, no affine) with the
+  ``model.channel_deconv`` settings; a layer with fewer channels than ``block`` whitens all of them
+  together, as the reference's heads do (block = channels).
+* ``none``: BatchNorm removed and every conv given a (zero-initialised) bias: the paper's "Original".
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,13 +40,16 @@ import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
 
 from seg.checkpoint import CheckpointError, load_checkpoint
-from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict
+from seg.config import ConfigError, DeconvConfig, IterNormConfig, ModelConfig, from_dict
 from seg.models.dilation import contract_dilation
 from seg.models.heads import DecoderHead, FCNHead
 from seg.models.segmenter import Segmenter
 from seg.models.weights import check_keys
 from seg.models.weights import load_pretrained as load_pretrained_weights
-from seg.nn import deconvolve
+from seg.nn import ChannelDeconv, IterNorm, deconvolve
+from seg.nn.convert import replace_batchnorm
+
+logger = logging.getLogger(__name__)
 
 # The auxiliary head reads the stride-16 stage: features[4] of an smp encoder (features[0] is the
 # input), i.e. layer3 of a ResNet, as in torchvision and mmsegmentation.
@@ -103,9 +120,10 @@ def init_head(head: nn.Module) -> None:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, IterNorm)):
+            if getattr(m, "weight", None) is not None:  # affine=False layers have none
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
 def _world_size() -> int:
@@ -118,27 +136,44 @@ def _classifier_names(model: nn.Module) -> list[str]:
     ]
 
 
+def _keywords(section: Any, target: Callable, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A config section's fields (less ``skip``) as keywords of ``target``, which must accept them all."""
+    settings = {k: v for k, v in dataclasses.asdict(section).items() if k not in skip}
+    unknown = sorted(settings.keys() - inspect.signature(target).parameters.keys())
+    if unknown:  # a config field nobody wired up: a bug, not a user error
+        raise TypeError(f"{section._key} fields {unknown}: not {target.__name__}() keywords "
+                        f"nor handled by the builder")
+    return settings
+
+
 def deconv_settings(d: DeconvConfig, *, sync: bool) -> dict[str, Any]:
     """The ``deconvolve`` keywords of a ``model.deconv`` section, with the build's ``sync`` decision."""
-    settings = {k: v for k, v in dataclasses.asdict(d).items() if k not in BUILDER_DECONV_FIELDS}
-    accepted = inspect.signature(deconvolve).parameters
-    unknown = sorted(settings.keys() - accepted.keys())
-    if unknown:  # a config field nobody wired up: a bug, not a user error
-        raise TypeError(f"model.deconv fields {unknown}: not deconvolve() keywords nor in BUILDER_DECONV_FIELDS")
-    settings["sync"] = sync
-    return settings
+    return dict(_keywords(d, deconvolve, BUILDER_DECONV_FIELDS), sync=sync)
+
+
+def iternorm_settings(c: IterNormConfig, *, sync: bool) -> dict[str, Any]:
+    """The ``IterNorm`` keywords of a ``model.iternorm`` section, with the build's ``sync`` decision."""
+    return dict(_keywords(c, IterNorm), sync=sync)
+
+
+def gn_groups(channels: int, groups: int) -> int:
+    """``groups`` if it divides ``channels``, else the largest number of groups below it that does."""
+    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
 
 
 def _sync_statistics(cfg: ModelConfig) -> bool:
     """Whether normalisation statistics span all processes; the one place this is decided.
 
-    With several processes, always (the global batch, as SyncBatchNorm does); in one process, only when
-    ``model.deconv.sync`` asks for it (then FastDeconv syncs once a process group exists).
+    With several processes, always (the global batch, as SyncBatchNorm does): BatchNorm, FastDeconv and
+    IterNorm act on it; GroupNorm and ``none`` have no batch statistics, and ChannelDeconv cannot sync
+    (a warning says so). In one process, only when ``model.deconv.sync`` asks for it (then FastDeconv
+    syncs once a process group exists).
     """
     return _world_size() > 1 or (cfg.norm == "deconv" and cfg.deconv.sync)
 
 
-def _apply_deconv(model: Segmenter, d: DeconvConfig, sync: bool) -> Segmenter:
+def _apply_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
+    d = cfg.deconv
     settings = deconv_settings(d, sync=sync)
     classifiers = _classifier_names(model)
     model = deconvolve(model, exclude=classifiers, **settings)
@@ -152,7 +187,7 @@ def _apply_deconv(model: Segmenter, d: DeconvConfig, sync: bool) -> Segmenter:
     return model
 
 
-def _apply_bn(model: Segmenter, sync: bool) -> Segmenter:
+def _apply_bn(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
     if sync:
         if torch.cuda.is_available():
             # timm's converter also handles its BatchNormAct2d (torch's would drop the activation).
@@ -166,11 +201,59 @@ def _apply_bn(model: Segmenter, sync: bool) -> Segmenter:
     return model
 
 
+def _apply_gn(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
+    fewer: dict[int, int] = {}  # channels -> groups, where model.gn_groups does not divide them
+
+    def make(channels: int) -> nn.GroupNorm:
+        groups = gn_groups(channels, cfg.gn_groups)
+        if groups != cfg.gn_groups:
+            fewer[channels] = groups
+        return nn.GroupNorm(groups, channels)
+
+    model = replace_batchnorm(model, make)
+    if fewer:
+        logger.info("model.gn_groups=%d does not divide every layer: channels -> groups %s", cfg.gn_groups, fewer)
+    return model
+
+
+def _apply_iternorm(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
+    settings = iternorm_settings(cfg.iternorm, sync=sync)
+    return replace_batchnorm(model, lambda channels: IterNorm(channels, **settings))
+
+
+def _apply_channel_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
+    settings = _keywords(cfg.channel_deconv, ChannelDeconv)
+    if _world_size() > 1:
+        warnings.warn(
+            "model.norm=channel_deconv with several processes: ChannelDeconv has no cross-process "
+            "statistics, so each process whitens with its own batch",
+            stacklevel=3,
+        )
+    # Fewer channels than the block: whiten them all together (the reference's heads use block = C).
+    return replace_batchnorm(model, lambda c: ChannelDeconv(**dict(settings, block=min(settings["block"], c))))
+
+
+def _apply_none(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
+    # Without a norm after it, a conv needs its own bias (the norm's shift did that job).
+    return replace_batchnorm(model, None, conv_bias=True)
+
+
+# model.norm -> what turns the model built with the libraries' BatchNorm into that norm's model.
+NORMS: dict[str, Callable[[Segmenter, ModelConfig, bool], Segmenter]] = {
+    "bn": _apply_bn,
+    "deconv": _apply_deconv,
+    "gn": _apply_gn,
+    "iternorm": _apply_iternorm,
+    "channel_deconv": _apply_channel_deconv,
+    "none": _apply_none,
+}
+
+
 def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
     """Build the model described by ``cfg`` (the ``model:`` config section).
 
     Args:
-        cfg: architecture, encoder, output stride, norm (``bn`` or ``deconv`` with ``cfg.deconv``
+        cfg: architecture, encoder, output stride, norm (one of :data:`NORMS`, with its section of
             settings), auxiliary head, classes and an optional local ``pretrained`` weights file.
         load_pretrained: read ``cfg.pretrained``; off when the weights come from elsewhere (a checkpoint).
 
@@ -197,8 +280,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
         if module is not None:
             init_head(module)
     model = Segmenter(encoder, head, aux_head, size_divisor=encoder.output_stride, config=copy.deepcopy(cfg))
-    sync = _sync_statistics(cfg)
-    model = _apply_deconv(model, cfg.deconv, sync) if cfg.norm == "deconv" else _apply_bn(model, sync)
+    model = NORMS[cfg.norm](model, cfg, _sync_statistics(cfg))
     if load_pretrained and cfg.pretrained:
         load_pretrained_weights(model, cfg.pretrained)
     return model
