@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--device cpu|cuda] [--arch deeplabv3 fcn] [--os 8 16] [--batch 2]
                                     [--size 128 256] [--threads 2] [--encoder resnet50] [--repeats 3]
+                                    [--norm bn deconv gn iternorm channel_deconv none]
                                     [--variant stats_every=4 matrix_grad=false ...] [--breakdown]
 
 For every (architecture, output stride) it builds the BN and the deconvolution model from the same seed and
@@ -17,6 +18,10 @@ above what the model and optimizer hold before the step; on CPU the peak residen
 the build) of a fresh subprocess that builds one model and runs two training steps, and that peak above the
 resident size just after the build (activations, gradients, optimizer state, allocator slack).
 
+``--norm`` chooses the ``model.norm`` values timed, all in the same interleaved repetitions (default: bn
+deconv; bn, the baseline of every ratio, is always timed): with deconv, the table above; with any other
+norm, a second table with one row per norm (training step, eval forward, memory, each with its ratio to bn).
+
 ``--variant`` also times deconvolution with other ``model.deconv`` settings (the speed options that change
 the mathematics), per step averaged over a refresh cycle. ``--breakdown`` (CPU) profiles ``--repeats`` training
 steps of each model and splits deconvolution's extra time into the fold ``W·D``, the covariance and the inverse square
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -49,7 +55,9 @@ from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, parse_
 from seg.models import build_model  # noqa: E402
 from seg.nn import FastDeconv, fold_deconv  # noqa: E402
 
-NORMS = ("bn", "deconv")
+# Every model.norm choice, in the config's order.
+NORM_CHOICES: tuple[str, ...] = next(f for f in dataclasses.fields(ModelConfig) if f.name == "norm").metadata["choices"]
+DEFAULT_NORMS = ["bn", "deconv"]
 
 
 def parse_variant(text: str) -> DeconvConfig:
@@ -193,8 +201,8 @@ def batch_of(batch: int, size: list[int], device: torch.device) -> tuple[torch.T
 
 def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     x, target = batch_of(args.batch, args.size, device)
-    models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device) for n in NORMS}
-    steps: dict[str, object] = {n: TrainStep(models[n], x, target, device) for n in NORMS}
+    models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device) for n in args.norm}
+    steps: dict[str, object] = {n: TrainStep(models[n], x, target, device) for n in args.norm}
     for name, deconv in args.variant.items():
         # A variant's cost is the mean over one refresh cycle: stats_every consecutive steps, timed together.
         variant = TrainStep(make_model(arch, args.encoder, output_stride, "deconv", args.isqrt_method, device,
@@ -206,7 +214,7 @@ def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch
     if args.breakdown:
         t.update(breakdown(steps["deconv"], steps["bn"], args.repeats))
     mem = {}
-    for n in NORMS:
+    for n in args.norm:
         if device.type == "cuda":
             result = cuda_memory(steps[n], device)
         elif args.memory:
@@ -216,15 +224,74 @@ def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch
         else:
             continue
         mem.update({f"{k}_{n}": v for k, v in result.items()})
-    folded = fold_deconv(copy.deepcopy(models["deconv"]))
-    evals = {"eval_bn": eval_forward(models["bn"], x, device),
-             "eval_deconv": eval_forward(models["deconv"], x, device),
-             "eval_folded": eval_forward(folded, x, device)}
+    evals = {f"eval_{n}": eval_forward(models[n], x, device) for n in args.norm}
+    if "deconv" in models:
+        evals["eval_folded"] = eval_forward(fold_deconv(copy.deepcopy(models["deconv"])), x, device)
     t.update(interleaved(evals, device, args.warmup, args.repeats))
     return {**t, **mem}
 
 
-def main() -> None:
+def deconv_header(mem_what: str) -> str:
+    return (f"| model | OS | train BN (s) | train deconv (s) | train ratio | eval BN (s) | eval deconv cached (s) "
+            f"| eval deconv folded (s) | eval ratio cached / folded | memory BN ({mem_what}) | memory deconv "
+            f"| memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def deconv_row(model: str, output_stride: int, r: dict[str, float]) -> str:
+    """bn against deconv: train, eval (cached and folded), memory, with the ratios."""
+    row = (f"| {model} | {output_stride} | {r['train_bn']:.3f} | {r['train_deconv']:.3f} | "
+           f"{r['train_deconv'] / r['train_bn']:.2f}x | {r['eval_bn']:.3f} | {r['eval_deconv']:.3f} | "
+           f"{r['eval_folded']:.3f} | {r['eval_deconv'] / r['eval_bn']:.2f}x / "
+           f"{r['eval_folded'] / r['eval_bn']:.2f}x | ")
+    if "peak_mib_bn" not in r:
+        return row + "- | - | - |"
+    return row + (f"{r['peak_mib_bn']:.0f} / {r['step_mib_bn']:.0f} | "
+                  f"{r['peak_mib_deconv']:.0f} / {r['step_mib_deconv']:.0f} | "
+                  f"{r['peak_mib_deconv'] / r['peak_mib_bn']:.2f}x / "
+                  f"{r['step_mib_deconv'] / r['step_mib_bn']:.2f}x |")
+
+
+def print_norm_table(results: list[tuple[str, int, dict]], norms: list[str], mem_what: str) -> None:
+    """One row per (model, output stride, norm): training step, eval forward (deconv: cached in eval mode)
+    and memory, each with its ratio to bn."""
+    print(f"\n| model | OS | norm | train (s) | train ratio to BN | eval (s) | eval ratio to BN "
+          f"| memory ({mem_what}) | memory ratio to BN |\n|---|---|---|---|---|---|---|---|---|")
+    for model, output_stride, r in results:
+        for n in norms:
+            train, evl = r[f"train_{n}"], r[f"eval_{n}"]
+            row = (f"| {model} | {output_stride} | {n} | {train:.3f} | {train / r['train_bn']:.2f}x | "
+                   f"{evl:.3f} | {evl / r['eval_bn']:.2f}x | ")
+            if f"peak_mib_{n}" in r:
+                peak, step = r[f"peak_mib_{n}"], r[f"step_mib_{n}"]
+                row += f"{peak:.0f} / {step:.0f} | {peak / r['peak_mib_bn']:.2f}x / {step / r['step_mib_bn']:.2f}x |"
+            else:
+                row += "- | - |"
+            print(row)
+
+
+def print_variants(results: list[tuple[str, int, dict]], variants: list[str]) -> None:
+    print("\n| model | OS | model.deconv | train deconv (s per step, mean over a refresh cycle) "
+          "| train ratio to BN |\n|---|---|---|---|---|")
+    for model, output_stride, r in results:
+        for v in variants:
+            sec = r[f"train_{v}"]
+            print(f"| {model} | {output_stride} | {v} | {sec:.3f} | {sec / r['train_bn']:.2f}x |")
+
+
+def print_breakdowns(results: list[tuple[str, int, dict]], repeats: int) -> None:
+    print(f"\nProfiled training steps (median of {repeats} per model, CPU seconds; the profiler adds some "
+          "overhead to both models):\n")
+    print("| model | OS | step BN | step deconv | extra | " + " | ".join(PARTS) + " | rest of the extra |\n"
+          "|---|---|---|---|---|" + "---|" * (len(PARTS) + 1))
+    for model, output_stride, r in results:
+        extra = r["prof_deconv"] - r["prof_bn"]
+        parts = [r[f"prof_{p}"] for p in PARTS]
+        cells = " | ".join(f"{v:.3f} ({v / extra:.0%})" for v in parts)
+        print(f"| {model} | {output_stride} | {r['prof_bn']:.3f} | {r['prof_deconv']:.3f} | "
+              f"{extra:.3f} | {cells} | {extra - sum(parts):.3f} ({(extra - sum(parts)) / extra:.0%}) |")
+
+
+def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--arch", nargs="+", default=["deeplabv3", "fcn"],
@@ -237,6 +304,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
+    parser.add_argument("--norm", nargs="+", default=DEFAULT_NORMS, choices=NORM_CHOICES,
+                        help="model.norm values to time side by side (bn, the baseline, is always timed)")
     parser.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also time deconvolution with these model.deconv settings, e.g. stats_every=4 "
                              "matrix_grad=false (speed options that change the mathematics)")
@@ -248,57 +317,46 @@ def main() -> None:
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return
+        return args, parser
     try:
         args.variant = {text: parse_variant(text) for text in args.variant}
     except ConfigError as e:
         parser.error(str(e))
     if args.breakdown and args.device != "cpu":
         parser.error("--breakdown profiles CPU time; run it with --device cpu")
+    # bn first: the baseline of every ratio; each norm once.
+    args.norm = list(dict.fromkeys(["bn", *args.norm]))
+    if args.breakdown and "deconv" not in args.norm:
+        parser.error("--breakdown splits deconvolution's extra time; add deconv to --norm")
+    return args, parser
+
+
+def main() -> None:
+    args, parser = parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return
     device, name = select_device(parser, args.device, args.threads)
     print(f"device={device} ({name}) encoder={args.encoder} input={args.batch}x3x{args.size[0]}x{args.size[1]} "
-          f"isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} torch={torch.__version__} "
-          f"loadavg={os.getloadavg()[0]:.2f}", flush=True)
+          f"norms={','.join(args.norm)} isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} "
+          f"torch={torch.__version__} loadavg={os.getloadavg()[0]:.2f}", flush=True)
     mem_what = "step peak above model, MiB" if device.type == "cuda" else "peak RSS / above build, MiB"
-    print(f"| model | OS | train BN (s) | train deconv (s) | train ratio | eval BN (s) | eval deconv cached (s) "
-          f"| eval deconv folded (s) | eval ratio cached / folded | memory BN ({mem_what}) | memory deconv "
-          f"| memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    variants, breakdowns = [], []
+    if "deconv" in args.norm:
+        print(deconv_header(mem_what), flush=True)
+    results = []
     for arch in args.arch:
         for output_stride in args.os:
             r = bench(arch, output_stride, args, device)
-            variants += [(arch, output_stride, v, r[f"train_{v}"], r["train_bn"]) for v in args.variant]
-            if args.breakdown:
-                breakdowns.append((arch, output_stride, r))
-            row = (f"| {arch} {args.encoder} | {output_stride} | {r['train_bn']:.3f} | {r['train_deconv']:.3f} | "
-                   f"{r['train_deconv'] / r['train_bn']:.2f}x | {r['eval_bn']:.3f} | {r['eval_deconv']:.3f} | "
-                   f"{r['eval_folded']:.3f} | {r['eval_deconv'] / r['eval_bn']:.2f}x / "
-                   f"{r['eval_folded'] / r['eval_bn']:.2f}x | ")
-            if "peak_mib_bn" in r:
-                row += (f"{r['peak_mib_bn']:.0f} / {r['step_mib_bn']:.0f} | "
-                        f"{r['peak_mib_deconv']:.0f} / {r['step_mib_deconv']:.0f} | "
-                        f"{r['peak_mib_deconv'] / r['peak_mib_bn']:.2f}x / "
-                        f"{r['step_mib_deconv'] / r['step_mib_bn']:.2f}x |")
-            else:
-                row += "- | - | - |"
-            print(row, flush=True)
-    if variants:
-        print("\n| model | OS | model.deconv | train deconv (s per step, mean over a refresh cycle) "
-              "| train ratio to BN |\n|---|---|---|---|---|")
-        for arch, output_stride, v, sec, bn in variants:
-            print(f"| {arch} {args.encoder} | {output_stride} | {v} | {sec:.3f} | {sec / bn:.2f}x |")
-    if breakdowns:
-        print(f"\nProfiled training steps (median of {args.repeats} per model, CPU seconds; the profiler adds some "
-              "overhead to both models):\n")
-        print("| model | OS | step BN | step deconv | extra | " + " | ".join(PARTS) + " | rest of the extra |\n"
-              "|---|---|---|---|---|" + "---|" * (len(PARTS) + 1))
-        for arch, output_stride, r in breakdowns:
-            extra = r["prof_deconv"] - r["prof_bn"]
-            parts = [r[f"prof_{p}"] for p in PARTS]
-            cells = " | ".join(f"{v:.3f} ({v / extra:.0%})" for v in parts)
-            print(f"| {arch} {args.encoder} | {output_stride} | {r['prof_bn']:.3f} | {r['prof_deconv']:.3f} | "
-                  f"{extra:.3f} | {cells} | {extra - sum(parts):.3f} ({(extra - sum(parts)) / extra:.0%}) |")
+            results.append((f"{arch} {args.encoder}", output_stride, r))
+            # Rows come as each model finishes: a long run shows progress.
+            print(deconv_row(*results[-1]) if "deconv" in args.norm else f"{arch} OS {output_stride}: done",
+                  flush=True)
+    if set(args.norm) - set(DEFAULT_NORMS):
+        print_norm_table(results, args.norm, mem_what)
+    if args.variant:
+        print_variants(results, list(args.variant))
+    if args.breakdown:
+        print_breakdowns(results, args.repeats)
     print(f"loadavg at end={os.getloadavg()[0]:.2f}")
 
 
