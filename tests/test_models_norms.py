@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from timm.layers import BatchNormAct2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import seg.models.build as build_module
+from seg.checkpoint import CheckpointError
 from seg.config import ChannelDeconvConfig, IterNormConfig, ModelConfig
 from seg.models import build_model, model_from_checkpoint
+from seg.models.weights import NORM_NAMES
 from seg.nn import ChannelDeconv, IterNorm
 from seg.nn.convert import replace_batchnorm
 
@@ -164,3 +167,33 @@ def test_replace_batchnorm_keeps_timm_activations() -> None:
     assert [type(m) for m in removed[1]] == [nn.ReLU]
     # A BatchNorm given directly is replaced too, in its dtype.
     assert replace_batchnorm(nn.BatchNorm2d(4).double(), lambda c: nn.GroupNorm(2, c)).weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_weights_of_another_norm_say_which(norm: str, tmp_path: Path) -> None:
+    name = NORM_NAMES[norm]
+    torch.save(build("bn").state_dict(), tmp_path / "bn.pth")
+    said = rf"holds BatchNorm weights, the model uses {name} \(model.norm: {norm}\)"
+    with pytest.raises(CheckpointError, match=said):
+        build(norm, pretrained=str(tmp_path / "bn.pth"))
+    # The other way round; GroupNorm and plain convs leave no statistics in the file to tell them by.
+    torch.save(build(norm).state_dict(), tmp_path / f"{norm}.pth")
+    said = "" if norm in ("gn", "none") else rf"\n  the file holds {name} weights, the model uses BatchNorm"
+    with pytest.raises(CheckpointError, match=rf"does not match the model:(.|\n)*{said}"):
+        build("bn", pretrained=str(tmp_path / f"{norm}.pth"))
+
+
+@pytest.mark.parametrize(
+    "norm",
+    ["gn", "iternorm", "none", pytest.param("channel_deconv", marks=pytest.mark.xfail(
+        strict=True, raises=RuntimeError,
+        reason="ChannelDeconv's backward under autocast: the eigh inverse square root's backward mixes "
+               "bfloat16 and float32 (seg/nn/deconv.py, seg/nn/isqrt.py)"))],
+)
+def test_training_step_under_bf16_autocast(norm: str) -> None:
+    # The trainer's amp (bf16 on CUDA); CPU autocast takes the same paths through the norms.
+    model = build(norm, "deeplabv3plus", aux_loss=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 128))
+    (out["out"].float().logsumexp(1).mean() + out["aux"].float().logsumexp(1).mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

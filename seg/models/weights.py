@@ -7,24 +7,55 @@ file and the keys (the only keys ignored are an ImageNet classifier's, e.g. ``fc
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from seg.checkpoint import CheckpointError, read_weights
+from seg.nn import ChannelDeconv, FastDeconv, IterNorm
 
 # Classification layers of ImageNet encoders (torchvision/smp, timm, pretrainedmodels); a segmentation
 # encoder has none of them, so they are dropped from encoder weight files.
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
 _SHOW = 8  # keys listed per kind in an error message
 
+# How error messages name each model.norm.
+NORM_NAMES = {"bn": "BatchNorm", "deconv": "deconvolution", "gn": "GroupNorm", "iternorm": "IterNorm",
+              "channel_deconv": "ChannelDeconv", "none": "no normalisation"}
+# The buffer that tells a module's norm in a weights file, checked in this order per module (ChannelDeconv
+# also has running_deconv and running_var, FastDeconv and IterNorm also running_mean).
+_FILE_MARKERS = (("running_mean1", "channel_deconv"), ("running_wm", "iternorm"), ("running_deconv", "deconv"),
+                 ("running_var", "bn"))
+# A model's norm from its layers; FastDeconv first (a deconvolution model may hold a ChannelDeconv too).
+_MODEL_LAYERS = ((FastDeconv, "deconv"), (IterNorm, "iternorm"), (ChannelDeconv, "channel_deconv"),
+                 (_BatchNorm, "bn"), (nn.GroupNorm, "gn"))
+
 
 def _list(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_SHOW])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > _SHOW else shown
+
+
+def _file_norm(keys: Iterable[str]) -> str | None:
+    """The model.norm a state_dict was saved with, from its buffers (None: no batch statistics in it)."""
+    leaves: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        prefix, _, leaf = key.rpartition(".")
+        leaves[prefix].add(leaf)
+    found = {next((norm for marker, norm in _FILE_MARKERS if marker in names), None) for names in leaves.values()}
+    return next((norm for _, norm in _MODEL_LAYERS if norm in found), None)
+
+
+def _model_norm(model: nn.Module) -> str:
+    for cls, norm in _MODEL_LAYERS:
+        if any(isinstance(m, cls) for m in model.modules()):
+            return norm
+    return "none"
 
 
 def check_keys(target: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -50,14 +81,11 @@ def check_keys(target: nn.Module, state: Mapping[str, torch.Tensor], source: str
     if shapes:
         more = " ..." if len(shapes) > _SHOW else ""
         lines.append(f"  shape mismatches: {', '.join(shapes[:_SHOW])}{more}")
-    # The usual cause: weights of one norm loaded into the other (BatchNorm has running_var,
-    # FastDeconv has running_deconv).
-    file_bn = any(k.endswith("running_var") for k in unexpected)
-    file_deconv = any(k.endswith("running_deconv") for k in unexpected)
-    if file_bn and any(k.endswith("running_deconv") for k in missing):
-        lines.append("  the file holds BatchNorm weights, the model uses deconvolution (model.norm: deconv)")
-    if file_deconv and any(k.endswith("running_var") for k in missing):
-        lines.append("  the file holds deconvolution weights, the model uses BatchNorm (model.norm: bn)")
+    # The usual cause: weights of one norm loaded into a model of another (each has its own buffers).
+    file_norm, model_norm = _file_norm(state.keys()), _model_norm(target)
+    if file_norm is not None and file_norm != model_norm:
+        lines.append(f"  the file holds {NORM_NAMES[file_norm]} weights, the model uses {NORM_NAMES[model_norm]} "
+                     f"(model.norm: {model_norm})")
     raise CheckpointError("\n".join(lines))
 
 
