@@ -1,4 +1,5 @@
-"""Segmentation models: DeepLabV3, DeepLabV3+ and FCN on smp encoders, with BatchNorm or deconvolution."""
+"""Segmentation models: DeepLabV3, DeepLabV3+ and FCN on smp encoders, with any ``model.norm`` (BatchNorm,
+deconvolution, GroupNorm, IterNorm, ChannelDeconv or none) in the encoder and heads alike."""
 
 from seg.models.build import ARCHS, build_model, init_head, model_from_checkpoint
 from seg.models.dilation import contract_dilation

@@ -223,7 +223,7 @@ def _apply_iternorm(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter
 
 def _apply_channel_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
     settings = _keywords(cfg.channel_deconv, ChannelDeconv)
-    if _world_size() > 1:
+    if sync:
         warnings.warn(
             "model.norm=channel_deconv with several processes: ChannelDeconv has no cross-process "
             "statistics, so each process whitens with its own batch",
