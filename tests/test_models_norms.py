@@ -197,3 +197,18 @@ def test_training_step_under_bf16_autocast(norm: str) -> None:
         out = model(torch.randn(2, 3, 64, 128))
     (out["out"].float().logsumexp(1).mean() + out["aux"].float().logsumexp(1).mean()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_timm_norm_act_layers_keep_their_activation(norm: str) -> None:
+    # timm's EfficientNet puts its SiLU inside BatchNormAct2d: replacing the norm must not drop it.
+    def activations(model: nn.Module) -> int:
+        return sum(isinstance(m, (nn.SiLU, nn.ReLU)) for m in model.modules())
+
+    bn = build("bn", encoder="tu-efficientnet_b0")
+    assert any(isinstance(m, BatchNormAct2d) for m in bn.modules())
+    model = build(norm, encoder="tu-efficientnet_b0")
+    assert not layers(model, _BatchNorm) and activations(model) == activations(bn)
+    out = model(torch.randn(2, 3, 64, 96))["out"]
+    out.mean().backward()
+    assert out.shape == (2, 19, 64, 96) and torch.isfinite(out).all()
