@@ -185,10 +185,7 @@ def test_weights_of_another_norm_say_which(norm: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "norm",
-    ["gn", "iternorm", "none", pytest.param("channel_deconv", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="ChannelDeconv's backward under autocast: the eigh inverse square root's backward mixes "
-               "bfloat16 and float32 (seg/nn/deconv.py, seg/nn/isqrt.py)"))],
+    ["gn", "iternorm", "none", "channel_deconv"],
 )
 def test_training_step_under_bf16_autocast(norm: str) -> None:
     # The trainer's amp (bf16 on CUDA); CPU autocast takes the same paths through the norms.

@@ -540,6 +540,15 @@ class ChannelDeconv(nn.Module):
             buf.mul_(1 - self.momentum).add_(value.detach(), alpha=self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Whitening in float32 under autocast: half-precision covariances and Newton-Schulz steps lose the
+        # small eigenvalues, and autocast would mix bf16 and float32 in the backward pass.
+        if x.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._whiten(x.float()).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._whiten(x)
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.dim() == 2:
             x = x.view(shape[0], shape[1], 1, 1)
