@@ -17,7 +17,6 @@ import yaml
 
 from seg.errors import UserError
 
-
 SEGMENTATION_ARCHS = ("deeplabv3", "deeplabv3plus", "fcn")
 
 
@@ -332,9 +331,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # files and overrides
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file's top-level mapping (empty file: {}); a missing file or bad YAML is a ConfigError."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -373,13 +373,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read ``path`` (with its ``base:`` file, at most one level) and apply ``KEY=VALUE`` overrides."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
         base_path = (path.parent / base).resolve()
-        base_data = _read_yaml(base_path)
+        base_data = read_yaml(base_path)
         if "base" in base_data:
             raise ConfigError(f"{base_path}: 'base' files cannot have a base of their own (one level only)")
         cfg = from_dict(base_data, str(base_path))  # validates the base file on its own terms

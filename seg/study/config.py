@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from seg.config import Config, ConfigError, load_config, parse_override
+from seg.config import Config, ConfigError, load_config, parse_override, read_yaml
 
 # A relative ``base:`` is read from the repository root (where configs/ lives), wherever the study file is.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,14 +112,7 @@ def _base(path: Path, value: Any) -> Path:
 def load_study(path: str | Path) -> Study:
     """Read and check a study file; every error names the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping with keys {', '.join(KEYS)}")
+    data = read_yaml(path, "study file")
     unknown = [k for k in data if k not in KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(KEYS)}")
