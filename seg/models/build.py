@@ -40,7 +40,7 @@ import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
 
 from seg.checkpoint import CheckpointError, load_checkpoint
-from seg.config import ConfigError, DeconvConfig, IterNormConfig, ModelConfig, from_dict
+from seg.config import SEGMENTATION_ARCHS, ConfigError, DeconvConfig, IterNormConfig, ModelConfig, from_dict
 from seg.models.dilation import contract_dilation
 from seg.models.heads import DecoderHead, FCNHead
 from seg.models.segmenter import Segmenter
@@ -249,7 +249,7 @@ NORMS: dict[str, Callable[[Segmenter, ModelConfig, bool], Segmenter]] = {
 }
 
 
-def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
+def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     """Build the model described by ``cfg`` (the ``model:`` config section).
 
     Args:
@@ -259,10 +259,20 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
 
     Returns:
         A :class:`Segmenter` whose ``forward(x)`` gives ``{'out': logits, 'aux': logits}`` (``aux`` only
-        with ``cfg.aux_loss``) at the input resolution, and whose ``config`` is a copy of ``cfg``.
+        with ``cfg.aux_loss``) at the input resolution, and whose ``config`` is a copy of ``cfg``. When
+        ``cfg.arch`` is not a segmentation architecture, the classifier of
+        :func:`seg.models.classification.build_classifier` (logits N x classes; ``config`` too).
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
+    if cfg.arch not in SEGMENTATION_ARCHS:
+        # Classifiers (seg.models.classification imports NORMS from here, hence the late import).
+        from seg.models.classification import build_classifier, load_classifier_weights
+
+        model = build_classifier(cfg, _sync_statistics(cfg))
+        if load_pretrained and cfg.pretrained:
+            load_classifier_weights(model, cfg.pretrained)
+        return model
     _check_encoder(cfg.encoder)
     encoder, head = ARCHS[cfg.arch](cfg)
     # Before the norm is applied, so that BatchNorm and FastDeconv models get the same geometry.
@@ -288,7 +298,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> Segmenter:
 
 def model_from_checkpoint(
     checkpoint: Mapping[str, Any] | str | Path, *, source: str | None = None
-) -> Segmenter:
+) -> nn.Module:
     """Rebuild the model recorded in a training checkpoint and load its weights.
 
     ``model.pretrained`` is not read again (the checkpoint already holds the trained weights); whether

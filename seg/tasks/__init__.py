@@ -2,9 +2,10 @@
 
 from seg.config import Config
 from seg.tasks.base import DataRootError, Task
+from seg.tasks.classification import ClassificationTask
 from seg.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"segmentation": SegmentationTask}
+TASKS: dict[str, type[Task]] = {"segmentation": SegmentationTask, "classification": ClassificationTask}
 
 
 def build_task(cfg: Config) -> Task:
@@ -12,4 +13,4 @@ def build_task(cfg: Config) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["TASKS", "DataRootError", "SegmentationTask", "Task", "build_task"]
+__all__ = ["TASKS", "ClassificationTask", "DataRootError", "SegmentationTask", "Task", "build_task"]

@@ -1,0 +1,92 @@
+"""Image classification (CIFAR-10/100, ImageNet-style class folders): cross-entropy, top-1/top-5 accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from seg.config import Config, ConfigError
+from seg.data import CifarDataset, DatasetError, ImageFolderDataset, build_classification_transforms
+from seg.engine.writers import Event
+from seg.evaluation.classification import evaluate_classification
+from seg.models import build_model
+from seg.tasks.base import DataRootError, Task
+
+CIFAR_HINT = (
+    "Set data.root (e.g. --opts data.root=/path/to/cifar) to a folder holding the extracted python version "
+    "of {title} (https://www.cs.toronto.edu/~kriz/cifar.html), or try the project without a download: "
+    "`python tools/make_cifar_standin.py --root datasets/cifar_standin` writes a small CIFAR-10-format "
+    "stand-in (train on it with configs/cifar10/standin_resnet18_deconv.yaml)."
+)
+IMAGENET_HINT = (
+    "Set data.root (e.g. --opts data.root=/path/to/imagenet) to a folder with {train}/<class>/<images> and "
+    "{val}/<class>/<images> (the ImageNet ILSVRC-2012 layout once the validation images are sorted into class "
+    "folders)."
+)
+
+
+def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
+    """(train, val) of ``cfg.data`` with the reference transforms; the val split is CIFAR's test batch or the
+    image folder ``data.val_split`` (whose class folders must be those of ``data.train_split``).
+
+    Raises :class:`DataRootError` for a missing or unusable dataset and :class:`ConfigError` when
+    ``model.num_classes`` is not the dataset's number of classes.
+    """
+    data = cfg.data
+    name = data.dataset
+    try:
+        if name in ("cifar10", "cifar100"):
+            train_set = CifarDataset(data.root, name, train=True, transform=build_classification_transforms(name, True))
+            val_set = CifarDataset(data.root, name, train=False, transform=build_classification_transforms(name, False))
+        else:
+            train_set = ImageFolderDataset(data.root, data.train_split, build_classification_transforms(name, True))
+            val_set = ImageFolderDataset(data.root, data.val_split, build_classification_transforms(name, False),
+                                         classes=train_set.classes)
+    except DatasetError as e:
+        if name == "imagenet":
+            hint = IMAGENET_HINT.format(train=data.train_split, val=data.val_split)
+        else:
+            hint = CIFAR_HINT.format(title="CIFAR-10" if name == "cifar10" else "CIFAR-100")
+        raise DataRootError(f"{e}\n\n{hint}") from e
+    if cfg.model.num_classes != train_set.num_classes:
+        raise ConfigError(
+            f"key 'model.num_classes' has value {cfg.model.num_classes}, but the {name} data at {data.root} has "
+            f"{train_set.num_classes} classes; set model.num_classes={train_set.num_classes}"
+        )
+    return train_set, val_set
+
+
+class ClassificationTask(Task):
+    metric = "top1"
+    metric_label = "top-1"
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        train_set, val_set = build_classification_datasets(self.cfg)
+        limit = self.cfg.train.val_max_images
+        self.val_set = val_set if limit is None else Subset(val_set, range(min(limit, len(val_set))))
+        return train_set, self.val_set
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+    ) -> dict[str, Any]:
+        return evaluate_classification(model, loader, device, amp_dtype)
+
+    def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
+        top1, top5 = metrics["top1"], metrics["top5"]
+        return Event(
+            "val",
+            iteration,
+            record={"top1": top1, "top5": top5, "num_images": metrics["num_images"]},
+            scalars={"val/top1": top1, "val/top5": top5},
+            line=f"val @ {iteration}: top-1 {100 * top1:.2f}  top-5 {100 * top5:.2f}",
+        )
