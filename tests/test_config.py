@@ -13,7 +13,7 @@ from seg.config import Config, ConfigError, dump_yaml, from_dict, load_config, t
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, Config)
