@@ -1,11 +1,14 @@
-"""Evaluate a checkpoint on a Cityscapes split: mIoU, per-class IoU, pixel and mean accuracy.
+"""Evaluate a checkpoint: segmentation (a Cityscapes split: mIoU, per-class IoU, pixel and mean accuracy) or
+classification (CIFAR test images or an image-folder split: top-1 and top-5 accuracy).
 
     python tools/eval.py CONFIG CHECKPOINT [--split val] [--mode whole|slide] [--crop H W] [--stride H W]
                          [--scales 0.75 1.0 1.25] [--flip] [--official] [--format-only --out DIR]
+    python tools/eval.py configs/cifar10/resnet18_deconv.yaml checkpoints/cifar10/resnet18_deconv/best.pth
     torchrun --nproc_per_node=N tools/eval.py CONFIG CHECKPOINT ...
 
 CONFIG supplies the data root and evaluation settings; the model is rebuilt from the config stored in
-the checkpoint. Full resolution by default; each image is counted once under torchrun.
+the checkpoint, whose task (segmentation or classification) decides what is measured. Segmentation runs at
+full resolution by default; each image is counted once under torchrun. Results go to metrics.json.
 
 Exit codes: 0 done; 2 bad arguments, config or --opts key, missing or unusable checkpoint, missing or
 unreadable data, or a failure of the official evaluator (one line `error: <message>` on stderr naming the
@@ -22,14 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-from seg.config import ConfigError, load_config, to_dict
+from seg.config import Config, ConfigError, load_config, to_dict
 from seg.data import CityscapesDataset, build_transforms
 from seg.data.labels import CLASS_NAMES, NUM_CLASSES
 from seg.engine.distributed import DistInfo, barrier, finish, init_distributed
 from seg.errors import UserError, error_message
 from seg.evaluation import build_eval_loader, evaluate, format_table
+from seg.evaluation.classification import evaluate_classification
 from seg.evaluation.official import format_official, prediction_path, run_official_eval, save_label_ids
-from seg.inference import Predictor, pick_device
+from seg.inference import Predictor, load_checkpoint_model, pick_device
+from seg.nn import fold_deconv
+from seg.tasks.classification import build_classification_eval_dataset
 
 EXIT_ERROR = 2
 
@@ -80,12 +86,15 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
             "--reference-compat scores at short side 520; it cannot be combined with --official"
         )
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, eval_cfg=eval_cfg, device=info.device, fold=not args.no_fold
+    model, trained = load_checkpoint_model(args.checkpoint, info.device)
+    if trained.task == "classification":
+        return run_classification(args, info, cfg, trained, model, split)
+    predictor = Predictor(
+        model, mean=trained.data.mean, std=trained.data.std, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
+        stride=eval_cfg.stride, scales=eval_cfg.scales, flip=eval_cfg.flip, batch_size=eval_cfg.batch_size,
+        device=info.device, fold=not args.no_fold, config=trained,
     )
     # Normalise exactly as the model was trained; the data root and split come from CONFIG.
-    trained = predictor.config
-    assert trained is not None  # from_checkpoint always keeps the stored config
     data_cfg = dataclasses.replace(cfg.data, mean=trained.data.mean, std=trained.data.std)
     dataset = CityscapesDataset(data_cfg.root, split, transform=build_transforms(data_cfg, train=False))
     workers = data_cfg.num_workers if args.num_workers is None else args.num_workers
@@ -153,6 +162,45 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
             report["official"] = official
     path = out_dir / "metrics.json"
     path.write_text(json.dumps(report, indent=2, allow_nan=True))
+    print(f"results written to {path}")
+    return 0
+
+
+SEGMENTATION_ONLY = ("mode", "crop", "stride", "scales", "flip", "official", "format_only", "reference_compat")
+
+
+def run_classification(
+    args: argparse.Namespace, info: DistInfo, cfg: Config, trained: Config, model, split: str
+) -> int:
+    """Top-1/top-5 accuracy of a classification checkpoint on ``split`` of CONFIG's data (each image once)."""
+    given = [f"--{k.replace('_', '-')}" for k in SEGMENTATION_ONLY if getattr(args, k) not in (None, False)]
+    if given:
+        raise ConfigError(f"{' '.join(given)}: segmentation options; {args.checkpoint} is a classification model")
+    if cfg.task != "classification":
+        raise ConfigError(f"{args.config} is a {cfg.task} config; {args.checkpoint} is a classification model "
+                          f"(use its training config, e.g. its run folder's config.yaml)")
+    # The data (dataset, root, split) come from CONFIG, the model and its classes from the checkpoint.
+    data = dataclasses.replace(cfg, model=trained.model)
+    dataset = build_classification_eval_dataset(data, split)
+    workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
+    loader = build_eval_loader(dataset, batch_size=args.batch_size or cfg.eval.batch_size, num_workers=workers)
+    if not args.no_fold:
+        model = fold_deconv(model)  # eval-mode deconvolution as plain convs: the same outputs, faster
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{split}"
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"evaluating {args.checkpoint} on {cfg.data.dataset} at {cfg.data.root} [{split}]: {len(dataset)} "
+              f"images, {info.world_size} process(es) on {info.device}")
+    start = time.perf_counter()
+    metrics = evaluate_classification(model, loader, info.device, progress=True)
+    elapsed = time.perf_counter() - start
+    if not info.is_main:
+        return 0
+    print(f"top-1 {100 * metrics['top1']:.2f}  top-5 {100 * metrics['top5']:.2f}  ({metrics['num_images']} images)")
+    report = {"checkpoint": str(args.checkpoint), "split": split, "dataset": cfg.data.dataset,
+              "seconds": round(elapsed, 2), "metrics": metrics}
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(report, indent=2))
     print(f"results written to {path}")
     return 0
 

@@ -29,6 +29,43 @@ IMAGENET_HINT = (
 )
 
 
+def _data_error(cfg: Config, e: DatasetError) -> DataRootError:
+    data = cfg.data
+    if data.dataset == "imagenet":
+        hint = IMAGENET_HINT.format(train=data.train_split, val=data.val_split)
+    else:
+        hint = CIFAR_HINT.format(title="CIFAR-10" if data.dataset == "cifar10" else "CIFAR-100")
+    return DataRootError(f"{e}\n\n{hint}")
+
+
+def _check_num_classes(cfg: Config, dataset: CifarDataset | ImageFolderDataset) -> None:
+    if cfg.model.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"key 'model.num_classes' has value {cfg.model.num_classes}, but the {cfg.data.dataset} data at "
+            f"{cfg.data.root} has {dataset.num_classes} classes; set model.num_classes={dataset.num_classes}"
+        )
+
+
+def build_classification_eval_dataset(cfg: Config, split: str) -> Dataset:
+    """One split of ``cfg.data`` with the evaluation transform (no augmentation), e.g. for ``tools/eval.py``.
+
+    CIFAR: ``train`` is the 50000 training images, any other split name the 10000 test images. Image folders:
+    ``data.root/<split>`` (its class folders must be those of ``data.root/train``). Raises
+    :class:`DataRootError` and, when ``model.num_classes`` does not fit the data, :class:`ConfigError`.
+    """
+    name = cfg.data.dataset
+    transform = build_classification_transforms(name, False)
+    try:
+        if name in ("cifar10", "cifar100"):
+            dataset = CifarDataset(cfg.data.root, name, train=split == "train", transform=transform)
+        else:
+            dataset = ImageFolderDataset(cfg.data.root, split, transform)
+    except DatasetError as e:
+        raise _data_error(cfg, e) from e
+    _check_num_classes(cfg, dataset)
+    return dataset
+
+
 def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     """(train, val) of ``cfg.data`` with the reference transforms; the val split is CIFAR's test batch or the
     image folder ``data.val_split`` (whose class folders must be those of ``data.train_split``).
@@ -47,16 +84,8 @@ def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
             val_set = ImageFolderDataset(data.root, data.val_split, build_classification_transforms(name, False),
                                          classes=train_set.classes)
     except DatasetError as e:
-        if name == "imagenet":
-            hint = IMAGENET_HINT.format(train=data.train_split, val=data.val_split)
-        else:
-            hint = CIFAR_HINT.format(title="CIFAR-10" if name == "cifar10" else "CIFAR-100")
-        raise DataRootError(f"{e}\n\n{hint}") from e
-    if cfg.model.num_classes != train_set.num_classes:
-        raise ConfigError(
-            f"key 'model.num_classes' has value {cfg.model.num_classes}, but the {name} data at {data.root} has "
-            f"{train_set.num_classes} classes; set model.num_classes={train_set.num_classes}"
-        )
+        raise _data_error(cfg, e) from e
+    _check_num_classes(cfg, train_set)
     return train_set, val_set
 
 
