@@ -919,3 +919,24 @@ def test_deconvolve_passes_norm_type_to_every_layer_and_fold_keeps_it():
         torch.testing.assert_close(folded(x), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="norm_type"):
         deconvolve(nn.Conv2d(8, 4, 1), norm_type="groupnorm")
+
+
+@pytest.mark.parametrize("kind", ["delinear", "channel_deconv"])
+def test_whitening_layers_keep_float32_statistics_under_bf16_autocast(kind: str) -> None:
+    from seg.nn import ChannelDeconv, Delinear
+
+    torch.manual_seed(0)
+    make = (lambda: Delinear(32, 10, block=16)) if kind == "delinear" else (lambda: ChannelDeconv(16))
+    ref, amp = make(), make()
+    amp.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 32) if kind == "delinear" else torch.randn(4, 32, 6, 6)
+    y_ref = ref(x)
+    x_amp = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp = amp(x_amp)
+    y_amp.float().square().sum().backward()  # mixed dtypes in the backward pass used to raise here
+    assert x_amp.grad is not None and torch.isfinite(x_amp.grad.float()).all()
+    assert y_amp.dtype == torch.bfloat16 and amp.running_deconv.dtype == torch.float32
+    # Statistics from the bf16-rounded input in float32: close to the float32 layer's, far from bf16's 1e-2.
+    torch.testing.assert_close(amp.running_deconv, ref.running_deconv, rtol=0, atol=2e-3)
+    torch.testing.assert_close(y_amp.float(), y_ref, rtol=0.05, atol=0.05)

@@ -11,6 +11,7 @@ network-deconvolution-pp) in front of the statistics; ``SampleNormConv2d`` is it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -509,6 +510,18 @@ class FastDeconv(nn.Conv2d):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
+def in_float32(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` with autocast off and half-precision ``x`` in float32; the result in ``x``'s dtype.
+
+    Whitening needs float32: half-precision covariances and Newton-Schulz steps lose the small eigenvalues,
+    and under autocast the backward pass would mix bf16 and float32.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return fn(x.float()).to(x.dtype)
+        return fn(x)
+
+
 class ChannelDeconv(nn.Module):
     """Whitening of ``block`` channel groups of a feature map (or of a 2-D batch of vectors).
 
@@ -540,13 +553,7 @@ class ChannelDeconv(nn.Module):
             buf.mul_(1 - self.momentum).add_(value.detach(), alpha=self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Whitening in float32 under autocast: half-precision covariances and Newton-Schulz steps lose the
-        # small eigenvalues, and autocast would mix bf16 and float32 in the backward pass.
-        if x.dtype in (torch.float16, torch.bfloat16):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._whiten(x.float()).to(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return self._whiten(x)
+        return in_float32(self._whiten, x)
 
     def _whiten(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -620,6 +627,9 @@ class Delinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_float32(self._whitened_linear, x)
+
+    def _whitened_linear(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Delinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
         if self.training:
