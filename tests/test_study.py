@@ -1,5 +1,6 @@
 """seg.study and tools/study.py: study files, statistics against hand computations, aggregation of
-hand-written metrics (resumed duplicates, a divergence), and a tiny real study (bn, deconv x 2 seeds)."""
+hand-written metrics (resumed duplicates, a divergence; segmentation mIoU and classification top-1), and a tiny
+real study (bn, deconv x 2 seeds)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,23 @@ import pytest
 import yaml
 
 from seg.checkpoint import save_checkpoint
-from seg.config import ConfigError, to_dict
-from seg.study import estimate, load_run, load_study, paired_differences, plan_runs, run_study, summarize, t_quantile
+from seg.config import ConfigError, load_config, to_dict
+from seg.errors import UserError
+from seg.study import (
+    RunSpec,
+    estimate,
+    load_run,
+    load_study,
+    metric_for_task,
+    paired_differences,
+    plan_runs,
+    run_study,
+    study_task,
+    summarize,
+    t_quantile,
+)
 from seg.study.aggregate import latest_records, read_metrics
+from seg.study.pipeline import write_results
 from seg.study.report import markdown
 from seg.study.runner import inspect_run, train_command
 from seg.study.stats import median, t_two_sided_mass
@@ -183,6 +198,89 @@ def test_verdict_separates_and_one_seed_says_so(hand_runs: list) -> None:
                     [r for r in hand_runs if r.seed == 0])
     assert one["variants"]["deconv"]["diff_to_baseline"]["ci95"] is None
     assert "One seed per variant: no standard deviation and no intervals" in markdown(one)
+
+
+# --------------------------------------------------------------------------------------------
+# classification: the same report on top-1 / top-5
+
+
+def _cls_val(it: int, top1: float, secs: float, top5: float = 0.95) -> dict:
+    return {"event": "val", "iteration": it, "time": 0.0, "top1": top1, "top5": top5, "num_images": 10000,
+            "train_seconds": secs}
+
+
+@pytest.fixture
+def cls_study(tmp_path: Path) -> dict:
+    """studies/cifar10_resnet18.yaml (bn, deconv x seeds 0-2) at 20 iterations, its run folders hand-written
+    like a classification run's metrics.jsonl: top-1 0.30 at 10 for all, finals bn 0.80/0.82/0.84 (top-5
+    0.97/0.98/0.99), deconv 0.86/0.85 and seed 2 diverged; then the report written from the folders."""
+    study = load_study(REPO / "studies" / "cifar10_resnet18.yaml")
+    out = tmp_path / "out"
+    specs = plan_runs(study, out, ["train.iterations=20"])
+    finals = {"bn": [(0.80, 0.97), (0.82, 0.98), (0.84, 0.99)], "deconv": [(0.86, 0.99), (0.85, 0.99), None]}
+    for spec in specs:
+        final = finals[spec.variant][spec.seed]
+        rows = [_train(10, 2.0, 10.0), _cls_val(10, 0.30, 10.0, top5=0.7)]
+        if final is None:
+            rows += [{"event": "diverged", "iteration": 12, "message": "loss is nan"}]
+        else:
+            rows += [_train(20, 1.0, 20.0 + spec.seed), _cls_val(20, final[0], 20.0 + spec.seed, top5=final[1])]
+        _write_run(spec.work_dir, rows)
+    result = write_results(study, out, specs, {})
+    return {"study": study, "out": out, "specs": specs, "result": result}
+
+
+def test_classification_study_reports_top1(cls_study: dict) -> None:
+    out, s = cls_study["out"], cls_study["result"].summary
+    assert s["task"] == "classification"
+    assert s["metric"] == {"key": "top1", "label": "top-1", "secondary": "top5", "secondary_label": "top-5",
+                           "extra": []}
+    assert json.loads((out / "study.json").read_text()) == s
+    bn, dc = s["variants"]["bn"], s["variants"]["deconv"]
+    assert "miou" not in bn and "acc_mean" not in bn
+    assert bn["top1"]["n"] == 3 and bn["top1"]["mean"] == pytest.approx(0.82)
+    assert bn["top1"]["std"] == pytest.approx(0.02)
+    assert bn["top5_mean"] == pytest.approx(0.98) and dc["top5_mean"] == pytest.approx(0.99)
+    assert (dc["counts"]["finished"], dc["counts"]["diverged"]) == (2, 1) and dc["top1"]["mean"] == pytest.approx(0.855)
+    # Paired on seeds 0 and 1: 0.86 - 0.80 = 0.06, 0.85 - 0.82 = 0.03.
+    assert dc["diff_to_baseline"]["seeds"] == [0, 1] and dc["diff_to_baseline"]["mean"] == pytest.approx(0.045)
+    run = bn["runs"][1]
+    assert (run["final_top1"], run["final_top5"]) == (0.82, 0.98) and "final_miou" not in run
+    assert run["seconds_per_iteration"] == pytest.approx(21.0 / 20)
+    # Convergence on top-1: 90% of 0.82 = 0.738, reached at 20 by every finished run, never by the diverged one.
+    assert s["convergence_threshold"] == pytest.approx(0.738)
+    assert [r["reached"] for r in bn["runs"]] == [{"iteration": 20, "train_seconds": 20.0 + k} for k in range(3)]
+    assert dc["runs"][2]["reached"] is None and dc["runs"][2]["status"] == "diverged"
+    files = ("study.json", "study.md", "top1_vs_iteration.png", "top1_vs_seconds.png", "loss_vs_iteration.png")
+    assert sorted(p.name for p in cls_study["result"].files) == sorted(files)
+    for name in files:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob("miou*"))
+    text = (out / "study.md").read_text()
+    assert "## Final validation top-1" in text and "val top-1 % (mean ± std)" in text
+    assert "Δ top-1 vs bn (paired)" in text and "| top-5 % |" in text and "![top1_vs_seconds.png]" in text
+    assert "| 82.00 ± 2.00 |" in text and "| 98.00 |" in text and "whose top-1 is at least 90%" in text
+    assert "(73.80%)" in text and "mIoU" not in text and "pixel acc" not in text
+    header, rule = [line for line in text.splitlines() if line.startswith("| variant") or line.startswith("|---")]
+    assert header.count("|") == rule.count("|") == 11
+
+
+def test_a_study_compares_one_task(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path / "s.yaml"))
+    specs = plan_runs(study, tmp_path / "out")
+    assert study_task(study, specs) == "segmentation"
+    assert metric_for_task("segmentation").finals == ("miou", "acc", "macc")
+    cls_cfg = load_config(REPO / "configs" / "cifar10" / "resnet18_bn.yaml")
+    mixed = [*specs, RunSpec("cls", 0, tmp_path / "out" / "cls" / "seed0", study.base, [], cls_cfg)]
+    with pytest.raises(ConfigError, match=r"s\.yaml: the variants train different tasks \(bn: segmentation, "
+                                          r"deconv: segmentation, cls: classification\)"):
+        study_task(study, mixed)
+
+
+def test_records_without_the_metric_are_one_clear_error(cls_study: dict) -> None:
+    runs = cls_study["result"].runs
+    with pytest.raises(UserError, match=r"metrics\.jsonl: the val record at iteration 10 has no 'miou' \(mIoU"):
+        summarize({"name": "x", "seeds": [0, 1, 2]}, "bn", {"bn": [], "deconv": []}, runs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """From run folders to numbers: each run's metrics.jsonl read back (:class:`RunResult`) and each variant's
-statistics over seeds (:func:`summarize`), as plain data for study.json, study.md and the figures."""
+statistics over seeds (:func:`summarize`), as plain data for study.json, study.md and the figures.
+
+Every number is about the study's :class:`~seg.study.metrics.StudyMetric` (the task's metric: mIoU for
+segmentation, top-1 for classification); study.json keys are named after it (``miou``, ``final_miou``,
+``acc_mean`` for segmentation; ``top1``, ``final_top1``, ``top5_mean`` for classification)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from seg.errors import UserError
+from seg.study.metrics import SEGMENTATION, StudyMetric
 from seg.study.stats import Estimate, estimate, median, paired_differences
 
-CONVERGENCE_FRACTION = 0.9  # "converged" = first validation at or above 90% of the baseline's final mean mIoU
+CONVERGENCE_FRACTION = 0.9  # "converged" = first validation at or above 90% of the baseline's final mean metric
 LEVEL = 0.95
 
 
@@ -80,10 +85,10 @@ class RunResult:
         top = max(rows, key=lambda r: r["peak_mem_gb"])
         return top["peak_mem_gb"], top.get("mem_kind", "?")
 
-    def first_reaching(self, threshold: float) -> dict[str, Any] | None:
-        """Iteration and training seconds of the first validation with mIoU >= ``threshold``."""
+    def first_reaching(self, threshold: float, key: str) -> dict[str, Any] | None:
+        """Iteration and training seconds of the first validation with ``key`` (e.g. miou) >= ``threshold``."""
         for r in self.val:
-            if r["miou"] >= threshold:
+            if r[key] >= threshold:
                 return {"iteration": r["iteration"], "train_seconds": r.get("train_seconds")}
         return None
 
@@ -119,18 +124,18 @@ def _estimate_dict(e: Estimate | None) -> dict[str, Any] | None:
     return None if e is None else {"n": e.n, "mean": e.mean, "std": e.std, "ci95": list(e.ci) if e.ci else None}
 
 
-def final_mious(runs: list[RunResult]) -> dict[int, float]:
-    """seed -> final val mIoU of the finished runs (diverged and failed ones are left out)."""
-    return {r.seed: r.final["miou"] for r in runs if r.final is not None}
+def final_values(runs: list[RunResult], key: str) -> dict[int, float]:
+    """seed -> final val ``key`` (e.g. miou) of the finished runs (diverged and failed ones are left out)."""
+    return {r.seed: r.final[key] for r in runs if r.final is not None}
 
 
-def baseline_threshold(baseline_runs: list[RunResult]) -> float | None:
-    """90% of the baseline's final mIoU, mean over its finished seeds (None when none finished)."""
-    e = estimate(list(final_mious(baseline_runs).values()))
+def baseline_threshold(baseline_runs: list[RunResult], key: str) -> float | None:
+    """90% of the baseline's final ``key``, mean over its finished seeds (None when none finished)."""
+    e = estimate(list(final_values(baseline_runs, key).values()))
     return None if e is None else CONVERGENCE_FRACTION * e.mean
 
 
-def run_row(r: RunResult, threshold: float | None) -> dict[str, Any]:
+def run_row(r: RunResult, threshold: float | None, metric: StudyMetric = SEGMENTATION) -> dict[str, Any]:
     """One run in study.json: its status and the numbers taken from its metrics.jsonl."""
     final, mem = r.final, r.peak_memory
     return {
@@ -138,21 +143,19 @@ def run_row(r: RunResult, threshold: float | None) -> dict[str, Any]:
         "status": r.status,
         "message": r.message,
         "work_dir": r.work_dir,
-        "final_miou": final and final["miou"],
-        "final_acc": final and final["acc"],
-        "final_macc": final and final["macc"],
+        **{f"final_{k}": final and final.get(k) for k in metric.finals},
         "train_seconds": final and final.get("train_seconds"),
         "seconds_per_iteration": r.seconds_per_iteration,
         "peak_mem_gb": mem and mem[0],
         "mem_kind": mem and mem[1],
-        "reached": None if threshold is None else r.first_reaching(threshold),
+        "reached": None if threshold is None else r.first_reaching(threshold, metric.key),
     }
 
 
-def paired_difference(runs: list[RunResult], baseline_runs: list[RunResult]) -> dict[str, Any] | None:
-    """Mean and t interval of (variant - baseline) final mIoU over the seeds both finished; ``separated``:
+def paired_difference(runs: list[RunResult], baseline_runs: list[RunResult], key: str) -> dict[str, Any] | None:
+    """Mean and t interval of (variant - baseline) final ``key`` over the seeds both finished; ``separated``:
     the interval excludes 0 (None without an interval)."""
-    d = paired_differences(final_mious(runs), final_mious(baseline_runs))
+    d = paired_differences(final_values(runs, key), final_values(baseline_runs, key))
     e = estimate(list(d.values()), LEVEL)
     if e is None:
         return None
@@ -160,20 +163,24 @@ def paired_difference(runs: list[RunResult], baseline_runs: list[RunResult]) -> 
 
 
 def summarize_variant(runs: list[RunResult], baseline_runs: list[RunResult] | None, overrides: list[str],
-                      threshold: float | None) -> dict[str, Any]:
-    """One variant in study.json: final mIoU over seeds, the paired difference to the baseline (None for the
-    baseline itself), mean pixel accuracy, median seconds per iteration, peak memory, the runs."""
+                      threshold: float | None, metric: StudyMetric = SEGMENTATION) -> dict[str, Any]:
+    """One variant in study.json: the final metric over seeds (key: the metric's, e.g. ``miou``), the paired
+    difference to the baseline (None for the baseline itself), the secondary metric's mean (e.g. ``acc_mean``),
+    median seconds per iteration, peak memory, the runs."""
     finished = [r for r in runs if r.final is not None]
-    rows = [run_row(r, threshold) for r in runs]
+    rows = [run_row(r, threshold, metric) for r in runs]
     mems = [(row["peak_mem_gb"], row["mem_kind"]) for row in rows if row["peak_mem_gb"] is not None]
     top_mem = max(mems, default=(None, None))
-    acc = estimate([r.final["acc"] for r in finished])
+    secondary = {}
+    if metric.secondary:
+        e = estimate([r.final[metric.secondary] for r in finished if r.final.get(metric.secondary) is not None])
+        secondary[f"{metric.secondary}_mean"] = e and e.mean
     return {
         "overrides": overrides,
         "counts": {s: sum(r.status == s for r in runs) for s in STATUSES},
-        "miou": _estimate_dict(estimate(list(final_mious(runs).values()), LEVEL)),
-        "diff_to_baseline": None if baseline_runs is None else paired_difference(runs, baseline_runs),
-        "acc_mean": acc and acc.mean,
+        metric.key: _estimate_dict(estimate(list(final_values(runs, metric.key).values()), LEVEL)),
+        "diff_to_baseline": None if baseline_runs is None else paired_difference(runs, baseline_runs, metric.key),
+        **secondary,
         "seconds_per_iteration_median": median([r.seconds_per_iteration for r in finished
                                                 if r.seconds_per_iteration is not None]),
         "peak_mem_gb": top_mem[0],
@@ -182,19 +189,34 @@ def summarize_variant(runs: list[RunResult], baseline_runs: list[RunResult] | No
     }
 
 
-def summarize(header: dict[str, Any], baseline: str, variants: dict[str, list[str]], runs: list[RunResult]
-              ) -> dict[str, Any]:
-    """study.json: ``header`` (the study's settings), the convergence threshold, one summary per variant."""
+def check_records(runs: list[RunResult], metric: StudyMetric) -> None:
+    """Every val record holds the study's metric; else a UserError naming the file (not a KeyError later)."""
+    for r in runs:
+        for rec in r.val:
+            if metric.key not in rec:
+                raise UserError(
+                    f"{Path(r.work_dir) / 'metrics.jsonl'}: the val record at iteration {rec['iteration']} has no "
+                    f"'{metric.key}' ({metric.label}, the metric this study compares); it holds "
+                    f"{', '.join(k for k in rec if k not in ('event', 'iteration', 'time'))}")
+
+
+def summarize(header: dict[str, Any], baseline: str, variants: dict[str, list[str]], runs: list[RunResult],
+              metric: StudyMetric = SEGMENTATION) -> dict[str, Any]:
+    """study.json: ``header`` (the study's settings), the compared ``metric``, the convergence threshold (on
+    that metric), one summary per variant."""
+    check_records(runs, metric)
     by_variant = {v: [r for r in runs if r.variant == v] for v in variants}
-    threshold = baseline_threshold(by_variant[baseline])
+    threshold = baseline_threshold(by_variant[baseline], metric.key)
     return {
         **header,
+        "metric": metric.to_dict(),
         "baseline": baseline,
         "level": LEVEL,
         "convergence_fraction": CONVERGENCE_FRACTION,
         "convergence_threshold": threshold,
         "variants": {
-            v: summarize_variant(vr, None if v == baseline else by_variant[baseline], variants[v], threshold)
+            v: summarize_variant(vr, None if v == baseline else by_variant[baseline], variants[v], threshold,
+                                 metric)
             for v, vr in by_variant.items()
         },
     }

@@ -135,7 +135,8 @@ def load_study(path: str | Path) -> Study:
 
 
 def plan_runs(study: Study, out: Path, cli_opts: list[str] | None = None) -> list[RunSpec]:
-    """Every (variant, seed) run with its config loaded and checked, in file order (variants, then seeds)."""
+    """Every (variant, seed) run with its config loaded and checked, in file order (variants, then seeds); all
+    of one task (:func:`study_task`)."""
     for text in cli_opts or []:
         keys, _ = parse_override(text)  # its message names the override
         if keys == ["train", "seed"]:
@@ -149,4 +150,15 @@ def plan_runs(study: Study, out: Path, cli_opts: list[str] | None = None) -> lis
             except ConfigError as e:
                 raise ConfigError(f"{study.source}: variant '{variant}' (seed {seed}): {e}") from None
             specs.append(RunSpec(variant, seed, out / variant / f"seed{seed}", study.base, overrides, cfg))
+    study_task(study, specs)
     return specs
+
+
+def study_task(study: Study, specs: list[RunSpec]) -> str:
+    """The task every run trains (its metric is what the study compares); ConfigError if the variants differ."""
+    tasks = {spec.variant: spec.cfg.task for spec in specs}
+    if len(set(tasks.values())) > 1:
+        named = ", ".join(f"{v}: {t}" for v, t in tasks.items())
+        raise ConfigError(f"{study.source}: the variants train different tasks ({named}); a study compares runs of "
+                          "one task on that task's metric")
+    return next(iter(tasks.values()))

@@ -1,5 +1,6 @@
-"""The study's PNG figures: validation mIoU against iterations and against training seconds, training loss
-against iterations; one line per variant (mean over its seeds) in a band from the seeds' minimum to maximum."""
+"""The study's PNG figures: the validation metric (the task's: mIoU, top-1) against iterations and against
+training seconds, training loss against iterations; one line per variant (mean over its seeds) in a band from
+the seeds' minimum to maximum. File names follow the metric: ``miou_vs_iteration.png``, ``top1_vs_seconds.png``."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit picke
 import matplotlib.pyplot as plt  # noqa: E402
 
 from seg.study.aggregate import RunResult  # noqa: E402
+from seg.study.metrics import SEGMENTATION, StudyMetric  # noqa: E402
 
-FIGURES = {
-    "miou_vs_iteration.png": ("val", "iteration", "miou"),
-    "miou_vs_seconds.png": ("val", "train_seconds", "miou"),
-    "loss_vs_iteration.png": ("train", "iteration", "loss"),
-}
 LABELS = {"iteration": "iteration", "train_seconds": "training seconds (steps only, mean over seeds)",
-          "miou": "val mIoU (%)", "loss": "training loss"}
+          "loss": "training loss"}
 BAND = "line: mean over seeds; band: min-max over seeds"
+
+
+def figure_files(metric: StudyMetric = SEGMENTATION) -> dict[str, tuple[str, str, str]]:
+    """File name -> (event, x, y) of each figure; the metric's are in percent."""
+    return {
+        f"{metric.key}_vs_iteration.png": ("val", "iteration", metric.key),
+        f"{metric.key}_vs_seconds.png": ("val", "train_seconds", metric.key),
+        "loss_vs_iteration.png": ("train", "iteration", "loss"),
+    }
 
 
 def curve(runs: list[RunResult], event: str, x: str, y: str) -> tuple[list[float], list[float], list[float],
@@ -42,8 +48,9 @@ def curve(runs: list[RunResult], event: str, x: str, y: str) -> tuple[list[float
             [min(ys[i]) for i in its], [max(ys[i]) for i in its])
 
 
-def plot(runs_by_variant: dict[str, list[RunResult]], event: str, x: str, y: str, path: Path, title: str) -> Path:
-    scale = 100.0 if y == "miou" else 1.0
+def plot(runs_by_variant: dict[str, list[RunResult]], event: str, x: str, y: str, path: Path, title: str,
+         metric: StudyMetric = SEGMENTATION) -> Path:
+    scale = 100.0 if y == metric.key else 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for variant, runs in runs_by_variant.items():
         xs, mean, lo, hi = curve(runs, event, x, y)
@@ -55,7 +62,7 @@ def plot(runs_by_variant: dict[str, list[RunResult]], event: str, x: str, y: str
         ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=line.get_color(), alpha=0.2,
                         linewidth=0)
     ax.set_xlabel(LABELS[x])
-    ax.set_ylabel(LABELS[y])
+    ax.set_ylabel(f"val {metric.label} (%)" if y == metric.key else LABELS[y])
     ax.set_title(f"{title}\n{BAND}", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -66,6 +73,8 @@ def plot(runs_by_variant: dict[str, list[RunResult]], event: str, x: str, y: str
     return path
 
 
-def write_figures(runs_by_variant: dict[str, list[RunResult]], out: Path, name: str) -> list[Path]:
+def write_figures(runs_by_variant: dict[str, list[RunResult]], out: Path, name: str,
+                  metric: StudyMetric = SEGMENTATION) -> list[Path]:
     """The three figures in ``out``; runs that failed before logging anything simply add nothing."""
-    return [plot(runs_by_variant, event, x, y, out / fname, name) for fname, (event, x, y) in FIGURES.items()]
+    return [plot(runs_by_variant, event, x, y, out / fname, name, metric)
+            for fname, (event, x, y) in figure_files(metric).items()]

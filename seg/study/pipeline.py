@@ -1,5 +1,5 @@
 """A whole study, start to end: plan and check every run, run what is left, read the run folders back,
-write study.json, study.md and the figures."""
+write study.json, study.md and the figures, all on the metric of the runs' task (mIoU, top-1, ...)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from seg.study.aggregate import RunResult, load_run, summarize
-from seg.study.config import REPO_ROOT, RunSpec, Study, plan_runs
+from seg.study.config import REPO_ROOT, RunSpec, Study, plan_runs, study_task
 from seg.study.figures import write_figures
+from seg.study.metrics import metric_for_task
 from seg.study.report import write_report
 from seg.study.runner import Outcome, inspect_run, run_all, threads_per_job
 
@@ -79,6 +80,8 @@ def run_study(
 def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[tuple[str, int], Outcome],
                   signum: int | None = None, cli_opts: list[str] | None = None) -> StudyResult:
     """Read every run folder back and write study.json, study.md and the figures into ``out``."""
+    task = study_task(study, specs)
+    metric = metric_for_task(task)
     runs = []
     for spec in specs:
         o = outcomes.get(spec.key)
@@ -87,13 +90,14 @@ def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[
     command = ["python", "tools/study.py", str(study.source), "--out", str(out)]
     header = {
         "name": study.name,
+        "task": task,
         "base": _shown(study.base),
         "seeds": study.seeds,
         "opts": [*study.opts, *(cli_opts or [])],
         "out": str(out),
         "command": shlex.join(command + (["--opts", *cli_opts] if cli_opts else [])),
     }
-    summary = summarize(header, study.baseline, study.variants, runs)
+    summary = summarize(header, study.baseline, study.variants, runs, metric)
     files = list(write_report(summary, out))
-    files += write_figures({v: [r for r in runs if r.variant == v] for v in study.variants}, out, study.name)
+    files += write_figures({v: [r for r in runs if r.variant == v] for v in study.variants}, out, study.name, metric)
     return StudyResult(summary, files, runs, signum)

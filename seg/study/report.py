@@ -1,5 +1,6 @@
 """study.json (every number, plain data) and study.md (the table, what the intervals can and cannot tell
-apart, the figures, how each number is computed), both written from :func:`seg.study.aggregate.summarize`."""
+apart, the figures, how each number is computed), both written from :func:`seg.study.aggregate.summarize`; the
+columns, headings and figure names follow the study's metric (``summary["metric"]``: mIoU, top-1, ...)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seg.study.figures import BAND, FIGURES
+from seg.study.figures import BAND, figure_files
+from seg.study.metrics import SEGMENTATION, StudyMetric
+
+
+def study_metric(summary: dict[str, Any]) -> StudyMetric:
+    """The metric a summary compares (segmentation's mIoU for one written before studies named theirs)."""
+    return StudyMetric.from_dict(summary["metric"]) if "metric" in summary else SEGMENTATION
 
 
 def pct(x: float | None, signed: bool = False) -> str:
@@ -43,23 +50,26 @@ def _convergence(row: dict[str, Any]) -> str:
 
 
 def table(summary: dict[str, Any]) -> list[str]:
-    base = summary["baseline"]
+    base, m = summary["baseline"], study_metric(summary)
+    second = f" {m.secondary_label} % |" if m.secondary else ""
     lines = [
-        f"| variant | runs finished / diverged / other | val mIoU % (mean ± std) | 95% CI | Δ mIoU vs {base} (paired) "
-        f"| 95% CI of Δ | pixel acc % | s / iter (median) | peak memory | reached 90% of {base}: iteration (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| variant | runs finished / diverged / other | val {m.label} % (mean ± std) | 95% CI "
+        f"| Δ {m.label} vs {base} (paired) | 95% CI of Δ |{second} s / iter (median) | peak memory "
+        f"| reached 90% of {base}: iteration (s) |",
+        "|---|---|---|---|---|---|" + ("---|" if m.secondary else "") + "---|---|---|",
     ]
     for name, row in summary["variants"].items():
-        c, diff = row["counts"], row["diff_to_baseline"]
+        c, diff, final = row["counts"], row["diff_to_baseline"], row[m.key]
         failed = c["failed"] + c["interrupted"] + c["incomplete"]
         mem = "–" if row["peak_mem_gb"] is None else f"{row['peak_mem_gb']:.2f} GB ({row['mem_kind']})"
         spi = row["seconds_per_iteration_median"]
         lines.append(
-            f"| {name} | {c['finished']} / {c['diverged']} / {failed} | {_mean_std(row['miou'])} "
-            f"| {interval(row['miou'] and row['miou']['ci95'])} "
+            f"| {name} | {c['finished']} / {c['diverged']} / {failed} | {_mean_std(final)} "
+            f"| {interval(final and final['ci95'])} "
             f"| {'baseline' if name == base else _mean_std(diff, signed=True)} "
-            f"| {'' if name == base else interval(diff and diff['ci95'], signed=True)} "
-            f"| {pct(row['acc_mean'])} | {'–' if spi is None else f'{spi:.3f}'} | {mem} | {_convergence(row)} |"
+            f"| {'' if name == base else interval(diff and diff['ci95'], signed=True)} |"
+            + (f" {pct(row[f'{m.secondary}_mean'])} |" if m.secondary else "")
+            + f" {'–' if spi is None else f'{spi:.3f}'} | {mem} | {_convergence(row)} |"
         )
     return lines
 
@@ -96,7 +106,7 @@ def verdict(summary: dict[str, Any]) -> str:
 METHODS = """\
 ## How the numbers are computed
 
-- **Final val mIoU**: each run's validation record at its last iteration (`metrics.jsonl`; when a resumed run
+- **Final val {label}**: each run's validation record at its last iteration (`metrics.jsonl`; when a resumed run
   logged an iteration twice, the last record counts). Diverged and failed runs are left out of every mean and
   counted in the second column.
 - **mean ± std**: sample standard deviation (n − 1). **95% CI**: mean ± t(0.975, n − 1) · std / √n (Student t,
@@ -104,18 +114,18 @@ METHODS = """\
 - **Δ vs baseline (paired)**: per seed, variant − baseline (same seed: same initial draws and data order), over
   the seeds both finished; its mean ± std and t interval with n − 1 degrees of freedom. An interval that
   contains 0 cannot separate the variant from the baseline.
-- **s / iter**: the run's training-step seconds (`train_seconds`, carried over resumes; no validation or
+{secondary}- **s / iter**: the run's training-step seconds (`train_seconds`, carried over resumes; no validation or
   checkpoint time) / iterations, median over finished seeds. Runs of one study on one machine only compare
   fairly when they ran alike (same device, same `--jobs`).
 - **peak memory**: the largest `peak_mem_gb` of the runs' train records; `cuda` = `torch.cuda.max_memory_allocated`,
   `rss` = the training process's peak resident set size (CPU runs).
-- **reached 90%**: the first validation whose mIoU is at least 90% of the baseline's mean final mIoU ({threshold}),
-  per seed; its resolution is `train.val_interval`.
+- **reached 90%**: the first validation whose {label} is at least 90% of the baseline's mean final {label}
+  ({threshold}), per seed; its resolution is `train.val_interval`.
 """
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    threshold = summary["convergence_threshold"]
+    threshold, m = summary["convergence_threshold"], study_metric(summary)
     opts = " ".join(summary["opts"]) or "none"
     lines = [
         f"# Study `{summary['name']}`",
@@ -123,7 +133,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Base config `{summary['base']}`, seeds {summary['seeds']}, baseline `{summary['baseline']}`, "
         f"overrides for every run: `{opts}`. Command: `{summary['command']}`",
         "",
-        "## Final validation mIoU",
+        f"## Final validation {m.label}",
         "",
         *table(summary),
         "",
@@ -132,7 +142,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "## Figures",
         "",
     ]
-    for fname in FIGURES:
+    for fname in figure_files(m):
         lines += [f"![{fname}]({fname})", ""]
     lines += [f"{BAND}; n = runs with records.", ""]
     problems = [(v, r) for v, row in summary["variants"].items() for r in row["runs"] if r["status"] != "finished"]
@@ -141,8 +151,10 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"- {v}/seed{r['seed']}: {r['status']}" + (f": {r['message'].splitlines()[0]}" if r["message"]
                                                               else "") for v, r in problems]
         lines.append("")
+    secondary = "" if not m.secondary else (
+        f"- **{m.secondary_label} %**: the final validation's `{m.secondary}`, mean over the finished seeds.\n")
     lines.append(METHODS.format(threshold="none: the baseline has no finished run" if threshold is None
-                                else f"{pct(threshold)}%"))
+                                else f"{pct(threshold)}%", label=m.label, secondary=secondary))
     return "\n".join(lines)
 
 

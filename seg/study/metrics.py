@@ -1,0 +1,50 @@
+"""Which validation numbers a study compares: the task's own metric (``Task.metric``, the one that picks
+``best.pth``: mIoU for segmentation, top-1 for classification) and a secondary one shown next to it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from seg.tasks import TASKS
+
+# The task's metric -> (secondary metric, its label, further final values copied per run into study.json).
+# All are keys of the task's val records in metrics.jsonl (seg/tasks/*.py, ``val_event``).
+SECONDARY: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "miou": ("acc", "pixel acc", ("macc",)),
+    "top1": ("top5", "top-5", ()),
+}
+
+
+@dataclass(frozen=True)
+class StudyMetric:
+    """``key``/``label``: the primary metric (means, intervals, paired differences, convergence, figures);
+    ``secondary``: a second number averaged per variant (None for a task without one)."""
+
+    key: str
+    label: str
+    secondary: str | None = None
+    secondary_label: str | None = None
+    extra: tuple[str, ...] = ()
+
+    @property
+    def finals(self) -> tuple[str, ...]:
+        """The val-record keys each run row of study.json holds as ``final_<key>``."""
+        return (self.key, *((self.secondary,) if self.secondary else ()), *self.extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "extra": list(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyMetric:
+        return cls(**{**data, "extra": tuple(data.get("extra", ()))})
+
+
+def metric_for_task(task: str) -> StudyMetric:
+    """The metrics a study of ``task`` (a key of :data:`seg.tasks.TASKS`) compares."""
+    cls = TASKS[task]
+    secondary, secondary_label, extra = SECONDARY.get(cls.metric, (None, None, ()))
+    return StudyMetric(cls.metric, cls.metric_label, secondary, secondary_label, extra)
+
+
+SEGMENTATION = metric_for_task("segmentation")
