@@ -34,10 +34,11 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                repeats: int) -> dict[str, float]:
-    """Median seconds per function; each repetition runs all of them, in alternating order, so that machine
-    noise hits every function alike."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                        repeats: int) -> dict[str, list[float]]:
+    """Seconds per repetition of each function; each repetition runs all of them, in alternating order, so that
+    machine noise hits every function alike (repetition ``r`` of one function pairs with repetition ``r`` of
+    another)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -46,4 +47,10 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warm
     for r in range(repeats):
         for key in keys if r % 2 == 0 else keys[::-1]:
             times[key].append(timed(fns[key], device))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                repeats: int) -> dict[str, float]:
+    """Median seconds per function over :func:`interleaved_samples`."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, device, warmup, repeats).items()}
