@@ -1,13 +1,21 @@
-"""The whole-model benchmark runs end to end on a tiny setting (every table) and rejects bad options by name."""
+"""The whole-model benchmark runs end to end on a tiny setting (every table, the sweep's files) and rejects bad
+options by name; the prepared GPU check's dry run passes on a CPU machine, and its run stops there with exit 2."""
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "train_step.py"
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -50,3 +58,155 @@ def test_train_step_rejects_unknown_norms_and_a_breakdown_without_deconv():
     assert proc.returncode == 2 and "--norm" in proc.stderr and "layernorm" in proc.stderr
     proc = run("--norm", "gn", "--breakdown")
     assert proc.returncode == 2 and "add deconv to --norm" in proc.stderr
+
+
+# -- train_step.py --sweep ----------------------------------------------------------------------------------
+
+
+def test_sweep_writes_table_json_and_plot(tmp_path: Path) -> None:
+    proc = run("--sweep", "--sizes", "2x32x64", "1x32x64", "--max-pixels", "3000", "--archs", "fcn",
+               "--output-strides", "16", "--encoder", "resnet18", "--norm", "bn", "deconv", "--repeats", "2",
+               "--warmup", "0", "--no-memory", "--threads", "1", "--out-dir", str(tmp_path), "--name", "tiny")
+    # (one thread: no OpenMP spinning against whatever else the machine runs)
+    assert proc.returncode == 0, proc.stderr
+    files = {ext: tmp_path / f"tiny.{ext}" for ext in ("md", "json", "png")}
+    assert all(f.is_file() for f in files.values())
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    data = json.loads(files["json"].read_text())
+    meta, points = data["meta"], data["points"]
+    assert meta["repeats"] == 2 and meta["torch"].startswith(torch.__version__) and meta["machine"] and meta["date"]
+    # The smaller workload first; the one above --max-pixels did not fit and says why.
+    assert [(p["batch"], p["height"], p["width"], p["fit"]) for p in points] == [(1, 32, 64, True), (2, 32, 64, False)]
+    assert "--max-pixels 3000" in points[1]["reason"] and points[1]["norms"] == {}
+    norms = points[0]["norms"]
+    assert list(norms) == ["bn", "deconv", "deconv folded"]
+    assert norms["bn"]["train_ratio"] == 1.0 and norms["bn"]["eval_ratio"] == 1.0
+    deconv = norms["deconv"]
+    assert len(deconv["train_samples"]) == 2 and deconv["train_ratio"] > 0
+    assert deconv["train_ratio_min"] <= deconv["train_ratio_max"]
+    assert "train_s" not in norms["deconv folded"] and norms["deconv folded"]["eval_ratio"] > 0
+
+    md = files["md"].read_text()
+    for text in (meta["date"], meta["machine"], f"torch {meta['torch']}", "2 repetitions after 0 warm-up",
+                 "![ratio to BN against pixels per step](tiny.png)", "## Training step: ratio to BN by workload",
+                 "| fcn resnet18 | 16 | deconv | ", "did not fit: 4096 pixels per step > --max-pixels 3000"):
+        assert text in md
+    assert "tiny.md" in proc.stdout  # where it wrote
+
+
+def _train_step_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return train_step
+
+
+def test_sweep_options_are_checked(capsys: pytest.CaptureFixture) -> None:
+    parse_args = _train_step_module().parse_args
+    for argv, message in ((["--sizes", "2x32x64"], "--sizes: only with --sweep"),
+                          (["--sweep", "--sizes", "2x32"], "BATCHxHEIGHTxWIDTH"),
+                          (["--sweep", "--breakdown"], "--sweep times the norms only"),
+                          (["--sweep", "--encoder", "resnet5O"], "--encoder"),
+                          (["--sweep", "--max-pixels", "0"], "--max-pixels must be positive")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+    args = parse_args(["--sweep", "--archs", "fcn", "--output-strides", "16"])[0]
+    assert args.arch == ["fcn"] and args.os == [16] and args.name == "train_step_sweep_cpu"
+    assert [f"{b}x{h}x{w}" for b, h, w in args.sizes] == train_step_defaults()
+    # --check-args: the exact flags of the GPU check, validated without a device; nothing written.
+    proc = run("--sweep", "--device", "cuda", "--archs", "deeplabv3", "--output-strides", "8", "--check-args",
+               "--sizes", "8x512x1024", "8x480x480", "--name", "n", "--out-dir", "/nonexistent/d")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["sizes"] == ["8x480x480", "8x512x1024"] and plan["arch"] == ["deeplabv3"] and plan["os"] == [8]
+    assert plan["writes"][0] == "/nonexistent/d/n.md"
+
+
+def train_step_defaults() -> list[str]:
+    return ["2x256x512", "4x256x512", "4x480x480", "8x480x480", "8x512x1024"]
+
+
+def test_memory_guard_extrapolates_the_last_workload() -> None:
+    train_step = _train_step_module()
+    last = {"pixels": 1000, "norms": {"bn": {"peak_mib": 1500.0, "step_mib": 1000.0},
+                                      "deconv": {"peak_mib": 1800.0, "step_mib": 900.0},
+                                      "deconv folded": {"eval_s": 0.1}}}
+    assert train_step.predicted_peak_mib(last, 4000) == 500 + 4000  # bn: the larger at 4x the pixels
+    cpu = torch.device("cpu")
+    args = train_step.parse_args(["--sweep", "--max-memory-gib", "4"])[0]
+    assert train_step.memory_guard(args, cpu, 3000, last) is None  # 3.4 GiB
+    assert "predicted peak RSS 4.4 GiB" in train_step.memory_guard(args, cpu, 4000, last)
+    assert train_step.memory_guard(args, torch.device("cuda"), 4000, last) is None  # CUDA: out of memory is caught
+    args.max_pixels = 2000
+    assert "--max-pixels 2000" in train_step.memory_guard(args, cpu, 3000, None)
+
+
+# -- benchmarks/gpu_check.sh ---------------------------------------------------------------------------------
+
+
+def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "report" / "check.md"
+    proc = gpu_check("--dry-run", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for text in ("(a)  100 s  pytest -m gpu", "(b)  240 s  train-step sweep", "(c)   80 s  inference frames/s",
+                 "--sizes 8x480x480 8x512x1024 --archs deeplabv3 --output-strides 8 --encoder resnet50 "
+                 "--norm bn deconv gn iternorm", f"--out-dir {out.parent} --name check_sweep",
+                 "--device cuda --arch deeplabv3 --os 16 8 --encoder resnet50 --size 1024 2048",
+                 "within the 470 s budget", "dry run: every check passed"):
+        assert text in proc.stdout
+    assert "FAILED" not in proc.stdout
+    assert not out.parent.exists()  # nothing written
+
+
+def test_gpu_check_rejects_bad_arguments() -> None:
+    for args in (["--bogus"], ["--out"], ["--out", "report.txt"]):
+        proc = gpu_check("--dry-run", *args)
+        assert proc.returncode == 64 and "usage:" in proc.stderr, args
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_stops_at_once_without_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "check.md"
+    proc = gpu_check("--out", str(out))
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "nothing was run" in proc.stderr and "--dry-run" in proc.stderr
+    assert not out.exists()
+
+
+STAND_IN_PYTHON = r"""#!/usr/bin/env bash
+# Claims CUDA; pytest passes, the sweep writes its markdown, inference fails.
+case "$*" in
+  *cuda.is_available*) echo True ;;
+  *gpu_check.py\ env*) echo "- GPU 0: stand-in" ;;
+  *train_step.py*)
+    while (($#)); do case "$1" in --out-dir) dir=$2 ;; --name) name=$2 ;; esac; shift; done
+    printf '# Train-step sweep: stand-in\n\n| model | ratio |\n' >"$dir/$name.md"; echo "sweep done" ;;
+  *inference_fps.py*) echo "inference broke" >&2; exit 3 ;;
+  "-m pytest "*) echo "4 passed" ;;
+esac
+"""
+
+
+def test_gpu_check_records_every_step_in_one_report(tmp_path: Path) -> None:
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "results" / "gpu.md"
+    proc = gpu_check("--out", str(out), env={"PYTHON": str(python)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a failed step: recorded, the others ran
+    report = out.read_text()
+    assert report.startswith("# GPU check") and "- GPU 0: stand-in" in report
+    rows = [line for line in report.splitlines() if line.startswith("| (")]
+    assert [row.split("|")[5].strip() for row in rows] == ["ok", "ok", "FAILED (exit 3)"]
+    assert "4 passed" in report and "## Train-step sweep: stand-in" in report and "inference broke" in report
+    assert {p.name for p in out.parent.iterdir()} == {"gpu.md", "gpu_sweep.md", "gpu_a.log", "gpu_b.log",
+                                                      "gpu_c.log"}
