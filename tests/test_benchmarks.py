@@ -47,12 +47,14 @@ def test_train_step_prints_ratios_norms_variants_and_breakdown():
     assert shares[0] > 0 and shares[2] > 0  # the fold and the inverse square root were seen by the profiler
 
 
+@pytest.mark.slow  # a subprocess per case; `pytest -m slow` runs it
 def test_train_step_rejects_unknown_variant_keys():
     proc = run("--variant", "stats_every=2,bogus=1")
     assert proc.returncode == 2
     assert "model.deconv.bogus" in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess per case; `pytest -m slow` runs it
 def test_train_step_rejects_unknown_norms_and_a_breakdown_without_deconv():
     proc = run("--norm", "gn", "layernorm")
     assert proc.returncode == 2 and "--norm" in proc.stderr and "layernorm" in proc.stderr

@@ -424,6 +424,7 @@ def test_a_failing_run_is_recorded_and_the_study_exits_1(tmp_path: Path, synthet
     assert run["status"] == "failed" and "nowhere" in run["message"] and "exit code 1" in run["message"]
 
 
+@pytest.mark.slow  # a subprocess per case; `pytest -m slow` runs it
 def test_ctrl_c_stops_the_children_cleanly(tmp_path: Path, synthetic_root: Path) -> None:
     path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]})
     run_dir = tmp_path / "out" / "bn" / "seed0"
