@@ -205,3 +205,16 @@ def plain_deconv(x, weight, bias, *, stride, padding, dilation, groups, block, n
     g = Geometry(x.shape[1], tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation), groups,
                  block, s, eps, n_iter)
     return whitened_conv(x, weight, bias, *batch_statistics(x, g), g)
+
+
+def assert_matches_reference(
+    y: torch.Tensor, y_ref: torch.Tensor, leaves: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """``y`` equals ``y_ref``; after backpropagating one random upstream gradient through both, every
+    (leaf of ``y``, leaf of ``y_ref``) pair has the same ``.grad``. Float64 tolerances."""
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for got, want in leaves:
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-10)
