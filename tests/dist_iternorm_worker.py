@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from seg.nn import IterNorm
+from tests.dist_sync_worker import save_and_exit
 
 SPLIT = (3, 2)  # samples on rank 0 and rank 1
 STEPS = 2
@@ -36,13 +37,9 @@ def worker(rank: int, out_dir: str, init_file: str) -> None:
         xl = x[lo:hi].clone().requires_grad_()
         y = layer(xl)
         y.backward(grad[lo:hi])
-    torch.save({"y": y.detach(), "grad_x": xl.grad, "running_mean": layer.running_mean,
-                "running_wm": layer.running_wm, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # gloo can abort in interpreter teardown; nothing is left to do
+    save_and_exit(rank, out_dir, {"y": y.detach(), "grad_x": xl.grad, "running_mean": layer.running_mean,
+                                  "running_wm": layer.running_wm, "grad_weight": layer.weight.grad,
+                                  "grad_bias": layer.bias.grad})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,13 +34,27 @@ def worker(rank: int, out_dir: str, init_file: str, stats_every: int, matrix_gra
         xl.grad = None
         y = layer(xl)
         y.backward(grad[lo: lo + SPLIT[rank]])
-    torch.save({"y": y.detach(), "grad_x": xl.grad, "running_mean": layer.running_mean,
-                "running_deconv": layer.running_deconv, "grad_weight": layer.weight.grad},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    save_and_exit(rank, out_dir, {"y": y.detach(), "grad_x": xl.grad, "running_mean": layer.running_mean,
+                                  "running_deconv": layer.running_deconv, "grad_weight": layer.weight.grad})
+
+
+def save_and_exit(rank: int, out_dir: str, results: dict) -> None:
+    """Write this rank's results to ``out_dir/rank<k>.pt``, leave the group and end the process."""
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # gloo can abort in interpreter teardown; nothing is left to do
+
+
+def run_two_ranks(script: str, out_dir: Path, *args: str) -> list[dict]:
+    """Run a worker script (it spawns two gloo ranks) and return each rank's saved results."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    worker = Path(__file__).with_name(script)
+    proc = subprocess.run([sys.executable, str(worker), str(out_dir), *args], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 if __name__ == "__main__":

@@ -8,10 +8,6 @@ from its formulas. Synced statistics are checked on two gloo processes (tests/di
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ import torch
 from seg.nn import IterNorm
 from tests.deconv_reference import assert_matches_reference
 from tests.dist_iternorm_worker import SPLIT, make_inputs
+from tests.dist_sync_worker import run_two_ranks
 
 
 def _group_matrix(x: torch.Tensor, channels: range) -> torch.Tensor:
@@ -299,12 +296,7 @@ def test_sync_without_a_process_group_is_the_local_operator():
 
 
 def test_sync_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    worker = Path(__file__).with_name("dist_iternorm_worker.py")
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_two_ranks("dist_iternorm_worker.py", tmp_path)
 
     layer, xs, grads = make_inputs()
     layer.sync = False  # the unsynced operator on the concatenated batch

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.dist_sync_worker import SPLIT, make_inputs
+from tests.dist_sync_worker import SPLIT, make_inputs, run_two_ranks
 
 
 @pytest.mark.parametrize("stats_every,matrix_grad,norm_type",
                          [(1, True, "none"), (2, True, "none"), (1, False, "none"), (1, True, "layernorm")])
 def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every, matrix_grad, norm_type):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    worker = Path(__file__).with_name("dist_sync_worker.py")
     # norm_type: the per-sample normalisation is local, the statistics of its output are synced.
-    args = [str(tmp_path), str(stats_every), "true" if matrix_grad else "false", norm_type]
-    proc = subprocess.run([sys.executable, str(worker), *args], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_two_ranks("dist_sync_worker.py", tmp_path, str(stats_every), "true" if matrix_grad else "false",
+                          norm_type)
 
     layer, x, grad = make_inputs(stats_every, matrix_grad, norm_type)
     layer.sync = True  # no process group here: plain local statistics over the whole batch
