@@ -99,7 +99,7 @@ def test_engine_amp_training_steps_stay_finite(amp: str, norm: str, tmp_path) ->
                           amp_dtype=amp_dtype, checkpointer=SimpleNamespace(work_dir=tmp_path))
     before = [p.detach().clone() for p in model.parameters()]
     batches = iter([_batch(seed=i) for i in range(6)])
-    timer = StepTimer(0)
+    timer = StepTimer()
     losses = [train_step(run, batches, False, i, timer)[0] for i in range(6)]  # raises on a non-finite loss
 
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -92,7 +92,7 @@ def train(
     tc, ckpt = cfg.train, run.checkpointer
     path = ckpt.find(resume)
     start = ckpt.resume(path) if path is not None else 0
-    timer = StepTimer(start, ckpt.train_seconds)
+    timer = StepTimer(ckpt.train_seconds)
     console = ConsoleWriter(tc.iterations, start, show_progress) if info.is_main else None
     writers = build_writers(ckpt.work_dir, console)
     announce(run, ckpt.work_dir)
@@ -233,8 +233,8 @@ class StepTimer:
     """Data and step times (exponential averages for display), an ETA that skips the warm-up steps, and
     ``total``: the seconds spent in training steps since the run began (carried over a resume)."""
 
-    def __init__(self, start: int, total: float = 0.0) -> None:
-        self.start, self.steps, self.total = start, 0, total
+    def __init__(self, total: float = 0.0) -> None:
+        self.steps, self.total = 0, total
         self.data_time = self.iter_time = 0.0
         self.t0 = self.t_loaded = time.perf_counter()
         self.timed_since, self.timed_steps = self.t0, 0
