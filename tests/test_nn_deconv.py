@@ -3,7 +3,8 @@
 Everything here goes through the layers' public surface: ``forward`` in train and eval mode, gradients,
 the buffers (``running_mean``, ``running_deconv``, ``counter``, ``stats_step``), ``state_dict`` and
 ``fold_deconv``; expected values come from ``tests/deconv_reference.py``, which shares no code with the
-layers. Only the two unit tests of module-private autograd Functions at the end import private names.
+layers. Only the unit test of the module-private fold Function imports private names (the sampled moments have
+their own tests in ``tests/test_nn_moments.py``).
 """
 
 from __future__ import annotations
@@ -758,22 +759,6 @@ def test_interleaved_fold_matches_plain_form(per_row, needs):
                                  [t.clone().requires_grad_(True) for t in inputs])
         torch.autograd.gradcheck(lambda *t: _InterleavedFold.apply(*t, per_row)[1],
                                  [t.clone().requires_grad_(True) for t in inputs])
-
-
-@pytest.mark.parametrize("shape", [(7, 5), (3, 7, 5)])
-def test_gram_matches_autograd(shape):
-    from seg.nn.deconv import _Gram
-
-    torch.manual_seed(0)
-    x = torch.randn(*shape, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    g1, g2 = _Gram.apply(x1), x2.mT @ x2
-    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(g1)  # not symmetric: the backward must not assume it is
-    g1.backward(grad)
-    g2.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
-    torch.autograd.gradcheck(_Gram.apply, [x.clone().requires_grad_()])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.nn.isqrt import METHODS, isqrt
-from seg.nn.sync import all_reduce_sum, sync_active
+from seg.nn.moments import PatchSampler, sampled_moments
+from seg.nn.sync import sync_active
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -113,24 +114,6 @@ def resolve_block(block: int, in_channels: int, groups: int = 1) -> int:
     if in_channels % block != 0:
         return math.gcd(block, in_channels)
     return block
-
-
-class _Gram(torch.autograd.Function):
-    """``XᵀX`` of ``(..., M, n)`` samples, with one product in the backward pass instead of autograd's two.
-
-    Autograd sees ``Xᵀ`` and ``X`` as two operands and computes ``G·Xᵀ``-like products for each; the gradient
-    of ``XᵀX`` is ``X·(G + Gᵀ)``, one ``M×n×n`` product (the covariance's backward halves).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x.mT @ x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return x @ (grad + grad.mT)
 
 
 class _InterleavedFold(torch.autograd.Function):
@@ -322,25 +305,10 @@ class FastDeconv(nn.Conv2d):
 
     # -- statistics ---------------------------------------------------------------------------
 
-    def _samples(self, x: torch.Tensor) -> torch.Tensor:
-        """Sampled patch rows, shape ``(M, G, num_features)`` with G shared (groups=1) or per conv group."""
-        n, c, h, w = x.shape
-        sh, sw = self.sampling_stride * self.stride[0], self.sampling_stride * self.stride[1]
-        if self.kernel_size == (1, 1):
-            # As the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
-            # different offset in each image when H·W is not a multiple of the step. Slicing each image
-            # copies only the samples (flattening all pixels first would copy the whole input).
-            step = sh * sw
-            blocks = [x[i].reshape(c, h * w)[:, (-i * h * w) % step::step] for i in range(n)]
-        else:
-            blocks = list(F.unfold(x, self.kernel_size, self.dilation, self.padding, (sh, sw)).unbind(0))
-        nf = self.num_features
-        if self.groups == 1:
-            # Each (C·k²)-long column viewed as (k²·B, C/B): C/B interleaved samples of one k²·B-dimensional
-            # vector, all sharing one mean and one matrix. torch.cat writes all rows in one copy.
-            per_row = c // self.block
-            return torch.cat([b.view(nf, per_row, -1).permute(2, 1, 0) for b in blocks]).view(-1, 1, nf)
-        return torch.cat([b.view(self.groups, nf, -1).permute(2, 0, 1) for b in blocks])
+    def _sampler(self) -> PatchSampler:
+        return PatchSampler(self.kernel_size, self.dilation, self.padding,  # type: ignore[arg-type]
+                            (self.sampling_stride * self.stride[0], self.sampling_stride * self.stride[1]),
+                            self.groups, self.block)
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch; with ``stats_every > 1``
@@ -363,30 +331,13 @@ class FastDeconv(nn.Conv2d):
     def _moments(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(G, nf)`` and either the covariance ``(G, nf, nf)`` (``full``) or its mean diagonal ``(G,)``,
         both with ``eps`` added, over all processes when ``sync`` is on."""
-        samples = self._samples(x)
-        count = torch.tensor(float(samples.shape[0]), dtype=samples.dtype, device=samples.device)
-        total = samples.sum(0)
-        if self.sync and sync_active():
-            count = all_reduce_sum(count)
-            total = all_reduce_sum(total)
-        elif samples.shape[0] == 0:
-            raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
-        mean = total / count
-        centred = samples - mean
-        if not self.matrix_grad:
-            # The matrix (and its rescaling) as a constant: nothing recorded for the covariance, the inverse
-            # square root or the fold's ∂D; the mean keeps its gradient.
-            centred = centred.detach()
+        sync = self.sync and sync_active()
+        # matrix_grad=False: the matrix (and its rescaling) is a constant: nothing recorded for the
+        # covariance, the inverse square root or the fold's ∂D; the mean keeps its gradient.
+        mean, second, count = sampled_moments(x, self._sampler(), full, sync, self.matrix_grad)
         if not full:
             # The mean variance only: O(M·nf) instead of the covariance's O(M·nf²).
-            sq = centred.pow(2).sum((0, 2))
-            if self.sync and sync_active():
-                sq = all_reduce_sum(sq)
-            return mean, sq / (count * self.num_features) + self.eps
-        second = _Gram.apply(centred[:, 0]).unsqueeze(0) if centred.shape[1] == 1 \
-            else _Gram.apply(centred.transpose(0, 1))
-        if self.sync and sync_active():
-            second = all_reduce_sum(second)
+            return mean, second / (count * self.num_features) + self.eps
         cov = second / count
         cov.diagonal(dim1=-2, dim2=-1).add_(self.eps)
         return mean, cov

@@ -1,0 +1,218 @@
+"""Sampled patch statistics of a convolution's input: the mean and the centred second moment.
+
+``FastDeconv`` whitens im2col patches sampled every ``sampling_stride × stride`` pixels. ``PatchSampler``
+lays those samples out as ``(B, G, nf, K)``, one column per sample, so that every ``nf``-long column is
+contiguous in memory the way ``F.unfold`` writes it: no transposed copy of the samples is ever made, and
+the second moment is a batch of ``nf × K`` by ``K × nf`` products. ``sampled_moments`` computes mean and
+second moment with a hand-written backward pass: the gradient of ``Σ cᵢcᵢᵀ`` is ``(G + Gᵀ)·c`` (one product
+instead of autograd's two), the centring's term vanishes (the centred samples sum to zero over the global
+batch) and the gradient reaches the input by one scatter (a permuted copy where patches do not overlap).
+Same values and gradients as autograd through unfold, mean and outer products, up to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PatchSampler:
+    """Where a ``FastDeconv`` layer samples its input, and how the samples are grouped.
+
+    ``stride`` is the sampling step (``sampling_stride × conv stride``). Columns of ``C·k²`` values hold
+    ``C/block`` interleaved feature vectors of ``nf = k²·block`` values (``groups == 1``, the reference's
+    shared block matrix) or one per conv group (``groups > 1``).
+    """
+
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    block: int
+
+    @property
+    def num_features(self) -> int:
+        return self.kernel[0] * self.kernel[1] * self.block
+
+    def _layout(self, channels: int) -> tuple[int, int]:
+        """(matrices G, feature vectors per column and matrix)."""
+        if self.groups > 1:
+            return self.groups, 1
+        return 1, channels // self.block
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(B, G, nf, K)`` tensor (ours to modify)."""
+        n, c, h, w = x.shape
+        g, per_row = self._layout(c)
+        nf = self.num_features
+        if self.kernel != (1, 1):
+            cols = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)  # (N, C·k², L)
+            return cols.view(n, g, nf, per_row * cols.shape[-1])
+        # 1×1, as the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
+        # different offset in each image when H·W is not a multiple of the step. Only the samples are copied.
+        if n == 0:
+            return x.new_zeros(1, g, nf, 0)
+        step = self.stride[0] * self.stride[1]
+        flat = x.reshape(n, c, h * w)
+        pieces = [flat[i, :, self._offset(i, h * w, step)::step].view(g, nf, per_row, -1) for i in range(n)]
+        return torch.cat(pieces, dim=-1).view(1, g, nf, -1)
+
+    @staticmethod
+    def _offset(image: int, pixels: int, step: int) -> int:
+        return (-image * pixels) % step
+
+    def scatter(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The adjoint of :meth:`gather`: ``grad (B, G, nf, K)`` summed back into an input-shaped tensor."""
+        n, c, h, w = shape
+        if self.kernel != (1, 1):
+            return self._scatter_patches(grad.reshape(n, c * self.kernel[0] * self.kernel[1], -1), shape)
+        g, per_row = self._layout(c)
+        cols = grad.reshape(g, self.num_features, per_row, -1)  # gather's concatenation, image after image
+        out = grad.new_zeros(n, c, h * w)
+        step = self.stride[0] * self.stride[1]
+        start = 0
+        for i in range(n):
+            dst = out[i, :, self._offset(i, h * w, step)::step]
+            dst.copy_(cols[..., start:start + dst.shape[-1]].reshape(c, -1))
+            start += dst.shape[-1]
+        return out.view(shape)
+
+    def scatter_product(self, left: torch.Tensor, c: torch.Tensor, shift: torch.Tensor,
+                        shape: torch.Size) -> torch.Tensor:
+        """``scatter(left @ c + shift)`` for ``left (G, nf, nf)``, ``shift (G, nf, 1)``: one image at a time
+        where patches do not overlap, so that no sample-sized product is ever allocated beside ``c``."""
+        if not self._disjoint() or self.groups > 1:
+            return self.scatter(torch.add(left @ c, shift), shape)
+        n, ch = shape[:2]
+        kh, kw = self.kernel
+        padded, cells = self._padded_cells(c, shape)
+        for i in range(n):
+            part = torch.addmm(shift[0], left[0], c[i, 0])  # (nf, per_row·L) = (C·kh·kw, L) of image i
+            cells[i].copy_(part.view(ch, kh, kw, cells.shape[2], cells.shape[4]).permute(0, 3, 1, 4, 2))
+        return self._crop(padded, shape)
+
+    def _disjoint(self) -> bool:
+        """Whether the sampled patches do not overlap (and are read without dilation)."""
+        return (self.kernel != (1, 1) and self.dilation == (1, 1) and self.kernel[0] <= self.stride[0]
+                and self.kernel[1] <= self.stride[1])
+
+    def _padded_cells(self, like: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zero padded input and its view ``(N, C, Ho, kh, Wo, kw)`` onto the sampled patches' pixels."""
+        n, c, h, w = shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        padded = like.new_zeros(n, c, max(h + 2 * ph, ho * sh), max(w + 2 * pw, wo * sw))
+        cells = padded[:, :, :ho * sh, :wo * sw].view(n, c, ho, sh, wo, sw)[:, :, :, :kh, :, :kw]
+        return padded, cells
+
+    def _crop(self, padded: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        (ph, pw), (h, w) = self.padding, shape[-2:]
+        return padded[:, :, ph:ph + h, pw:pw + w]
+
+    def _scatter_patches(self, cols: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if not self._disjoint():
+            return F.fold(cols, shape[-2:], self.kernel, self.dilation, self.padding, self.stride)
+        # Patches do not overlap: every input pixel receives at most one value, so the adjoint is a permuted
+        # copy into a zero (padded) input instead of col2im's accumulation.
+        n, c, h, w = shape
+        padded, cells = self._padded_cells(cols, shape)
+        kh, kw = self.kernel
+        cells.copy_(cols.view(n, c, kh, kw, cells.shape[2], cells.shape[4]).permute(0, 1, 4, 2, 5, 3))
+        return self._crop(padded, shape)
+
+
+def _gram(c: torch.Tensor) -> torch.Tensor:
+    """``Σ_b c_b·c_bᵀ`` ``(G, nf, nf)`` of ``c (B, G, nf, K)``.
+
+    For large ``nf`` in two row halves: the lower-left block is the transpose of the upper-right one, so
+    three of the four block products are computed (a quarter fewer multiplications).
+    """
+    nf = c.shape[-2]
+    if nf < 128:
+        return (c @ c.mT).sum(0)
+    h = nf // 2
+    top, bottom = c[..., :h, :], c[..., h:, :]
+    out = c.new_empty(c.shape[1], nf, nf)
+    out[:, :h, :h] = (top @ top.mT).sum(0)
+    upper = (top @ bottom.mT).sum(0)
+    out[:, :h, h:] = upper
+    out[:, h:, :h] = upper.mT
+    out[:, h:, h:] = (bottom @ bottom.mT).sum(0)
+    return out
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone().contiguous()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class _SampledMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool,
+                second_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = sampler.gather(x)
+        count = torch.tensor(float(c.shape[0] * c.shape[-1]), dtype=c.dtype, device=c.device)
+        total = c.sum((0, 3))
+        if sync:
+            count, total = _all_reduce(count), _all_reduce(total)
+        elif c.shape[0] * c.shape[-1] == 0:
+            raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
+        mean = total / count
+        c.sub_(mean.unsqueeze(-1))  # centred in place: the gathered samples are a copy of our own
+        if full:
+            second = _gram(c)
+        else:
+            second = c.pow(2).sum((0, 2, 3))  # the trace only (G,): the rescaled steps' mean variance
+        if sync:
+            second = _all_reduce(second)
+        keep = second_grad and ctx.needs_input_grad[0]
+        ctx.save_for_backward(c if keep else None, count)
+        ctx.sampler, ctx.full, ctx.sync, ctx.second_grad = sampler, full, sync, keep
+        ctx.shape, ctx.samples_shape = x.shape, c.shape
+        ctx.mark_non_differentiable(count)
+        if not second_grad:
+            ctx.mark_non_differentiable(second)
+        return mean, second, count
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: torch.Tensor, grad_second: torch.Tensor,
+                 _grad_count: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        c, count = ctx.saved_tensors
+        if ctx.sync:
+            # Every process's loss depends on the reduced values: the local samples receive the sum of all
+            # processes' gradients (as an all-reduce's backward pass).
+            grad_mean = _all_reduce(grad_mean)
+            grad_second = _all_reduce(grad_second) if ctx.second_grad else grad_second
+        # ∂/∂μ of the second moment is −(G + Gᵀ)·Σc, zero since the centred samples sum to zero: only the
+        # mean's own gradient reaches the samples through μ, equally to each.
+        per_sample = (grad_mean / count).unsqueeze(-1)
+        if not ctx.second_grad:
+            grad_c = per_sample.expand(ctx.samples_shape)
+        else:
+            if ctx.full:
+                return ctx.sampler.scatter_product(grad_second + grad_second.mT, c, per_sample, ctx.shape), \
+                    None, None, None, None
+            grad_c = c * (2.0 * grad_second).view(1, -1, 1, 1)
+            grad_c.add_(per_sample)
+        return ctx.sampler.scatter(grad_c, ctx.shape), None, None, None, None
+
+
+def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool = False,
+                    second_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(G, nf)``, centred second moment and sample count of the sampled patches of ``x``.
+
+    The second moment is ``Σ (s − μ)(s − μ)ᵀ`` ``(G, nf, nf)`` when ``full``, else its trace per matrix
+    ``(G,)``. ``sync``: count, sums and moments over all processes of the default group (mean about the
+    global mean). ``second_grad=False``: the second moment is a constant for autograd (the mean keeps its
+    gradient). The count is a tensor in the samples' dtype, without gradient.
+    """
+    return _SampledMoments.apply(x, sampler, full, sync, second_grad)

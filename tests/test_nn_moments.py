@@ -1,0 +1,101 @@
+"""The sampled patch moments (seg.nn.moments) against autograd through plainly written float64 statistics
+(tests/deconv_reference.py: explicit patch slicing, mean, outer products), values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seg.nn.moments import PatchSampler, sampled_moments
+from tests.deconv_reference import Geometry, mean_variances, moments
+
+# (in_channels, kernel, stride, padding, dilation, groups, block, input H×W): every path of gather/scatter
+GEOMETRIES = {
+    "3x3 non-overlapping": (8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 4, (10, 9)),
+    "3x3 nf 144 (Gram in halves)": (32, (3, 3), (1, 1), (1, 1), (1, 1), 1, 16, (9, 10)),
+    "3x3 stride 2 (gaps)": (8, (3, 3), (2, 2), (1, 1), (1, 1), 1, 4, (13, 11)),
+    "3x3 dilation 2 (overlap)": (6, (3, 3), (1, 1), (2, 2), (2, 2), 1, 3, (9, 10)),
+    "7x7 stride 2 stem (overlap)": (3, (7, 7), (2, 2), (3, 3), (1, 1), 1, 3, (15, 14)),
+    "1x3 no padding": (4, (1, 3), (1, 1), (0, 0), (1, 1), 1, 2, (7, 11)),
+    "1x1 uneven offsets": (8, (1, 1), (1, 1), (0, 0), (1, 1), 1, 4, (5, 7)),
+    "1x1 stride 2": (8, (1, 1), (2, 2), (0, 0), (1, 1), 1, 8, (9, 8)),
+    "3x3 grouped": (8, (3, 3), (1, 1), (1, 1), (1, 1), 2, 4, (8, 9)),
+    "1x1 grouped": (6, (1, 1), (1, 1), (0, 0), (1, 1), 3, 2, (5, 5)),
+}
+
+
+def _case(name: str, batch: int = 3):
+    c, k, s, p, d, groups, block, size = GEOMETRIES[name]
+    geom = Geometry(c, k, s, p, d, groups, block)
+    block = geom.resolved_block
+    sampler = PatchSampler(k, d, p, (3 * s[0], 3 * s[1]), groups, block)
+    torch.manual_seed(0)
+    x = torch.randn(batch, c, *size, dtype=torch.float64) * 1.3 + 0.4
+    return geom, sampler, x
+
+
+def _stack(tensors):
+    return torch.stack(list(tensors))
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_full_moments_and_gradients_match_plain_formulas(name):
+    geom, sampler, x = _case(name)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mean, second, count = sampled_moments(x1, sampler, full=True)
+    cov = second / count + geom.eps * torch.eye(geom.nf, dtype=x.dtype)
+    ref_means, ref_covs = moments(x2, geom)
+    ref_mean, ref_cov = _stack(ref_means), _stack(ref_covs)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-12, atol=1e-12)
+    # Non-symmetric upstream gradients: the backward pass must not assume a symmetric one.
+    g_mean, g_cov = torch.randn_like(mean), torch.randn_like(cov)
+    ((mean * g_mean).sum() + (cov * g_cov).sum()).backward()
+    ((ref_mean * g_mean).sum() + (ref_cov * g_cov).sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["3x3 non-overlapping", "1x1 uneven offsets", "3x3 grouped"])
+def test_trace_moments_match_mean_variances(name):
+    geom, sampler, x = _case(name)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mean, trace, count = sampled_moments(x1, sampler, full=False)
+    var = trace / (count * geom.nf) + geom.eps
+    ref_means, ref_vars = mean_variances(x2, geom)
+    ref_mean, ref_var = _stack(ref_means), _stack(ref_vars)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)
+    g_mean, g_var = torch.randn_like(mean), torch.randn_like(var)
+    ((mean * g_mean).sum() + (var * g_var).sum()).backward()
+    ((ref_mean * g_mean).sum() + (ref_var * g_var).sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["3x3 non-overlapping", "7x7 stride 2 stem (overlap)", "1x1 uneven offsets"])
+def test_constant_second_moment_keeps_the_mean_gradient(name):
+    geom, sampler, x = _case(name)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mean, second, _ = sampled_moments(x1, sampler, full=True, second_grad=False)
+    assert not second.requires_grad and mean.requires_grad
+    ref_mean = _stack(moments(x2, geom)[0])
+    g_mean = torch.randn_like(mean)
+    (mean * g_mean).sum().backward()
+    (ref_mean * g_mean).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["3x3 non-overlapping", "3x3 dilation 2 (overlap)", "1x1 uneven offsets"])
+def test_gradcheck(name):
+    _, sampler, x = _case(name, batch=2)
+    x = x[:, :, :6, :7].contiguous().requires_grad_()
+    for full in (True, False):
+        torch.autograd.gradcheck(lambda t, full=full: sampled_moments(t, sampler, full)[:2], [x])
+
+
+def test_input_without_gradient_and_empty_batch():
+    _, sampler, x = _case("3x3 non-overlapping")
+    mean, second, count = sampled_moments(x, sampler, full=True)  # no grad wanted: nothing kept for backward
+    assert not mean.requires_grad and not second.requires_grad and not count.requires_grad
+    assert count.item() == 3 * 4 * 3 * 2  # 3 images · 4×3 sampled positions · 2 interleaved vectors
+    with pytest.raises(ValueError, match="empty batch"):
+        sampled_moments(x[:0], sampler, full=True)
