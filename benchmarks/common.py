@@ -54,3 +54,29 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warm
                 repeats: int) -> dict[str, float]:
     """Median seconds per function over :func:`interleaved_samples`."""
     return {k: statistics.median(v) for k, v in interleaved_samples(fns, device, warmup, repeats).items()}
+
+
+# Where deconvolution's time goes, by the autograd Functions of seg.nn (forward and backward events, each
+# including the ops it runs): part name -> profiler event names.
+DECONV_EVENTS = {
+    "fold W·D": ("_InterleavedFold", "_InterleavedFoldBackward"),
+    "sampling + covariance": ("_SampledMoments", "_SampledMomentsBackward"),
+    "inverse sqrt": ("_IsqrtEigh", "_IsqrtEighBackward"),
+}
+DECONV_PARTS = tuple(DECONV_EVENTS)
+BN_EVENTS = ("aten::native_batch_norm", "aten::native_batch_norm_backward")
+CONV_EVENTS = ("aten::convolution", "aten::convolution_backward")
+
+
+def profiled(step: Callable[[], object]) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one call under the CPU profiler and CPU seconds per event name (children included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    return wall, {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+
+
+def deconv_parts(events: dict[str, float]) -> dict[str, float]:
+    """Seconds of each of :data:`DECONV_PARTS` in one profiled step's events."""
+    return {part: sum(events.get(n, 0.0) for n in names) for part, names in DECONV_EVENTS.items()}

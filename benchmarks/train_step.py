@@ -27,9 +27,9 @@ norm, a second table with one row per norm (training step, eval forward, memory,
 
 ``--variant`` also times deconvolution with other ``model.deconv`` settings (the speed options that change
 the mathematics), per step averaged over a refresh cycle. ``--breakdown`` (CPU) profiles ``--repeats`` training
-steps of each model and splits deconvolution's extra time into the fold ``W·D``, the covariance and the inverse square
-root (forward and backward each), less the BN layers' own time, and the rest (patch sampling, running
-statistics, bias, per-layer overhead).
+steps of each model and splits deconvolution's extra time into the fold ``W·D``, the patch sampling with the
+covariance, and the inverse square root (forward and backward each), less the BN layers' own time, and the rest
+(running statistics, bias, per-layer overhead).
 
 ``--sweep`` times the same models at several workloads (``--sizes``, batch×H×W; ``--batch`` and ``--size`` are
 not used) and writes ``<out-dir>/<name>.md`` (tables: the ratio to BN by workload, and every measurement with
@@ -62,7 +62,15 @@ import torch.nn.functional as F
 # Run as a script from the repository root or from benchmarks/: make ``seg`` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_samples, select_device, sync  # noqa: E402  (benchmarks/common.py)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    BN_EVENTS,
+    DECONV_PARTS,
+    deconv_parts,
+    interleaved_samples,
+    profiled,
+    select_device,
+    sync,
+)
 from sweep_report import SweepReport, norm_results, point_record, run_meta, workload_label  # noqa: E402
 
 from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, parse_override  # noqa: E402
@@ -159,22 +167,7 @@ def cpu_memory(spec: dict) -> dict:
 
 # Where deconvolution's time goes: its autograd Functions, forward and backward (each including the ops
 # it runs), and what BN costs in the BN model (time the deconvolution model does not spend).
-PARTS = ("fold W·D", "covariance", "inverse sqrt", "BN layers (BN model)")
-_PART_EVENTS = {
-    "fold W·D": ("_InterleavedFold", "_InterleavedFoldBackward"),
-    "covariance": ("_Gram", "_GramBackward"),
-    "inverse sqrt": ("_IsqrtEigh", "_IsqrtEighBackward"),
-}
-_BN_EVENTS = ("aten::native_batch_norm", "aten::native_batch_norm_backward")
-
-
-def _profiled(step) -> tuple[float, dict[str, float]]:
-    """Wall seconds of one step under the profiler and CPU seconds per event name (children included)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        step()
-        wall = time.perf_counter() - start
-    return wall, {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+PARTS = (*DECONV_PARTS, "BN layers (BN model)")
 
 
 def breakdown(deconv_step, bn_step, repeats: int) -> dict[str, float]:
@@ -184,13 +177,13 @@ def breakdown(deconv_step, bn_step, repeats: int) -> dict[str, float]:
     parts: dict[str, list[float]] = {p: [] for p in PARTS}
     for r in range(repeats):
         for name in ("deconv", "bn") if r % 2 == 0 else ("bn", "deconv"):
-            wall, events = _profiled(deconv_step if name == "deconv" else bn_step)
+            wall, events = profiled(deconv_step if name == "deconv" else bn_step)
             walls[name].append(wall)
             if name == "bn":
-                parts["BN layers (BN model)"].append(-sum(events.get(n, 0.0) for n in _BN_EVENTS))
+                parts["BN layers (BN model)"].append(-sum(events.get(n, 0.0) for n in BN_EVENTS))
                 continue
-            for part, names in _PART_EVENTS.items():
-                parts[part].append(sum(events.get(n, 0.0) for n in names))
+            for part, seconds in deconv_parts(events).items():
+                parts[part].append(seconds)
     out = {f"prof_{k}": statistics.median(v) for k, v in walls.items()}
     out.update({f"prof_{p}": statistics.median(v) for p, v in parts.items()})
     return out

@@ -47,6 +47,28 @@ def test_train_step_prints_ratios_norms_variants_and_breakdown():
     assert shares[0] > 0 and shares[2] > 0  # the fold and the inverse square root were seen by the profiler
 
 
+def test_deconv_layer_writes_ratios_spread_and_a_breakdown_that_adds_up(tmp_path: Path) -> None:
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    out = tmp_path / "layer"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "deconv_layer.py"), "--layers", "3x3 64->64",
+                           "1x1 256->1024", "--batch", "1", "--size", "12", "16", "--repeats", "2", "--breakdown",
+                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["layer"] for r in data["rows"]] == ["3x3 64->64", "1x1 256->1024"]
+    for row in data["rows"]:
+        assert len(row["samples"]["dc_train"]) == 2
+        assert row["train_ratio_min"] <= row["train_ratio"] <= row["train_ratio_max"]
+        deconv, bn = row["breakdown"]["deconv"], row["breakdown"]["bn"]
+        # The profiler saw every part of deconvolution, and the parts with the rest make up the step.
+        assert all(deconv[p] > 0 for p in ("conv", "sampling + covariance", "inverse sqrt", "fold W·D"))
+        assert bn["BatchNorm"] > 0 and "BatchNorm" not in deconv
+        for parts in (deconv, bn):
+            assert abs(sum(v for k, v in parts.items() if k != "step") - parts["step"]) < 1e-9
+    table = out.with_suffix(".md").read_text()
+    assert "| 3x3 64->64 |" in table and "| 1x1 256->1024 | deconv |" in table and "torch=" in table
+
+
 @pytest.mark.slow  # a subprocess per case; `pytest -m slow` runs it
 def test_train_step_rejects_unknown_variant_keys():
     proc = run("--variant", "stats_every=2,bogus=1")
