@@ -6,7 +6,8 @@ contiguous in memory the way ``F.unfold`` writes it: no transposed copy of the s
 the second moment is a batch of ``nf × K`` by ``K × nf`` products. ``sampled_moments`` computes mean and
 second moment with a hand-written backward pass: the gradient of ``Σ cᵢcᵢᵀ`` is ``(G + Gᵀ)·c`` (one product
 instead of autograd's two), the centring's term vanishes (the centred samples sum to zero over the global
-batch) and the gradient reaches the input by one scatter (a permuted copy where patches do not overlap).
+batch) and the gradient reaches the input by one strided copy per kernel offset where patches do not
+overlap (``F.fold`` where they do).
 Same values and gradients as autograd through unfold, mean and outer products, up to rounding.
 """
 
@@ -46,32 +47,98 @@ class PatchSampler:
             return self.groups, 1
         return 1, channels // self.block
 
+    def _grid(self, h: int, w: int) -> tuple[int, int]:
+        """Sampled patch positions (rows, columns) on an ``h × w`` input."""
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self.kernel, self.dilation, self.padding, self.stride
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _offsets(self, h: int, w: int) -> list[tuple[int, int, slice, slice, slice, slice]]:
+        """For each kernel offset ``(a, b)``: the sample rows and columns that read inside the input (the rest
+        read padding) and the input rows and columns they read, as slices."""
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self.kernel, self.dilation, self.padding, self.stride
+        ho, wo = self._grid(h, w)
+
+        def span(offset: int, size: int, grid: int, step: int) -> tuple[slice, slice]:
+            # sample i reads input index i·step + offset; keep 0 <= index < size
+            first = max(0, -(offset // step)) if offset < 0 else 0
+            last = min(grid, (size - 1 - offset) // step + 1) if size - 1 - offset >= 0 else 0
+            last = max(first, last)
+            start = first * step + offset
+            return slice(first, last), slice(start, start + (last - first - 1) * step + 1 if last > first else start,
+                                             step)
+
+        out = []
+        for a in range(kh):
+            rows, src_rows = span(a * dh - ph, h, ho, sh)
+            for b in range(kw):
+                cols, src_cols = span(b * dw - pw, w, wo, sw)
+                out.append((a, b, rows, cols, src_rows, src_cols))
+        return out
+
+    def _disjoint(self) -> bool:
+        """Whether no input pixel is read by two sampled patches (each receives at most one gradient value)."""
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        return dh * (kh - 1) < sh and dw * (kw - 1) < sw
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(B, G, nf, K)`` tensor (ours to modify)."""
+        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(B, G, nf, K)`` tensor (ours to modify).
+
+        For k×k kernels this is ``F.unfold``'s layout (``(N, C·kh·kw, L)``, channel-major); where patches do not
+        overlap it is written by one strided copy per kernel offset (about twice as fast as ``im2col`` on CPU).
+        """
         n, c, h, w = x.shape
         g, per_row = self._layout(c)
         nf = self.num_features
-        if self.kernel != (1, 1):
+        if self.kernel == (1, 1):
+            return self._gather_pixels(x, g, per_row)
+        if not self._disjoint():
             cols = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)  # (N, C·k², L)
             return cols.view(n, g, nf, per_row * cols.shape[-1])
-        # 1×1, as the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
-        # different offset in each image when H·W is not a multiple of the step. Only the samples are copied.
+        ho, wo = self._grid(h, w)
+        out = x.new_empty(n, c, *self.kernel, ho, wo)
+        for a, b, rows, cols, src_rows, src_cols in self._offsets(h, w):
+            dst = out[:, :, a, b]
+            dst[:, :, rows, cols].copy_(x[:, :, src_rows, src_cols])
+            # Samples that read the padding: zeros.
+            dst[:, :, :rows.start].zero_()
+            dst[:, :, rows.stop:].zero_()
+            dst[:, :, :, :cols.start].zero_()
+            dst[:, :, :, cols.stop:].zero_()
+        return out.view(n, g, nf, per_row * ho * wo)
+
+    def _gather_pixels(self, x: torch.Tensor, g: int, per_row: int) -> torch.Tensor:
+        """1×1, as the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
+        different offset in each image when H·W is not a multiple of the step. Only the samples are copied."""
+        n, c, h, w = x.shape
         if n == 0:
-            return x.new_zeros(1, g, nf, 0)
+            return x.new_zeros(1, g, self.num_features, 0)
         step = self.stride[0] * self.stride[1]
         flat = x.reshape(n, c, h * w)
-        pieces = [flat[i, :, self._offset(i, h * w, step)::step].view(g, nf, per_row, -1) for i in range(n)]
-        return torch.cat(pieces, dim=-1).view(1, g, nf, -1)
+        pieces = [flat[i, :, self._offset(i, h * w, step)::step].view(g, self.num_features, per_row, -1)
+                  for i in range(n)]
+        return torch.cat(pieces, dim=-1).view(1, g, self.num_features, -1)
 
     @staticmethod
     def _offset(image: int, pixels: int, step: int) -> int:
         return (-image * pixels) % step
 
+    def _scatter_patches(self, out: torch.Tensor, cols: torch.Tensor) -> None:
+        """Write ``cols (n, C, kh, kw, Ho, Wo)`` into ``out (n, C, H, W)`` (zeros) where :meth:`gather` read them;
+        for patches that do not overlap."""
+        for a, b, rows, cs, src_rows, src_cols in self._offsets(*out.shape[-2:]):
+            # Patches do not overlap: every pixel is written at most once.
+            out[:, :, src_rows, src_cols].copy_(cols[:, :, a, b, rows, cs])
+
     def scatter(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The adjoint of :meth:`gather`: ``grad (B, G, nf, K)`` summed back into an input-shaped tensor."""
         n, c, h, w = shape
+        if self.kernel != (1, 1) and not self._disjoint():
+            return F.fold(grad.reshape(n, c * self.kernel[0] * self.kernel[1], -1), (h, w), self.kernel,
+                          self.dilation, self.padding, self.stride)
         if self.kernel != (1, 1):
-            return self._scatter_patches(grad.reshape(n, c * self.kernel[0] * self.kernel[1], -1), shape)
+            out = grad.new_zeros(shape)
+            self._scatter_patches(out, grad.reshape(n, c, *self.kernel, *self._grid(h, w)))
+            return out
         g, per_row = self._layout(c)
         cols = grad.reshape(g, self.num_features, per_row, -1)  # gather's concatenation, image after image
         out = grad.new_zeros(n, c, h * w)
@@ -85,46 +152,17 @@ class PatchSampler:
 
     def scatter_product(self, left: torch.Tensor, c: torch.Tensor, shift: torch.Tensor,
                         shape: torch.Size) -> torch.Tensor:
-        """``scatter(left @ c + shift)`` for ``left (G, nf, nf)``, ``shift (G, nf, 1)``: one image at a time
-        where patches do not overlap, so that no sample-sized product is ever allocated beside ``c``."""
-        if not self._disjoint() or self.groups > 1:
+        """``scatter(left @ c + shift)`` for ``left (G, nf, nf)``, ``shift (G, nf, 1)``; where patches do not
+        overlap one image at a time, so that no sample-sized product is allocated beside ``c``."""
+        if self.kernel == (1, 1) or not self._disjoint():
             return self.scatter(torch.add(left @ c, shift), shape)
-        n, ch = shape[:2]
-        kh, kw = self.kernel
-        padded, cells = self._padded_cells(c, shape)
+        n, ch, h, w = shape
+        grid = self._grid(h, w)
+        out = c.new_zeros(shape)
         for i in range(n):
-            part = torch.addmm(shift[0], left[0], c[i, 0])  # (nf, per_row·L) = (C·kh·kw, L) of image i
-            cells[i].copy_(part.view(ch, kh, kw, cells.shape[2], cells.shape[4]).permute(0, 3, 1, 4, 2))
-        return self._crop(padded, shape)
-
-    def _disjoint(self) -> bool:
-        """Whether the sampled patches do not overlap (and are read without dilation)."""
-        return (self.kernel != (1, 1) and self.dilation == (1, 1) and self.kernel[0] <= self.stride[0]
-                and self.kernel[1] <= self.stride[1])
-
-    def _padded_cells(self, like: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """A zero padded input and its view ``(N, C, Ho, kh, Wo, kw)`` onto the sampled patches' pixels."""
-        n, c, h, w = shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        padded = like.new_zeros(n, c, max(h + 2 * ph, ho * sh), max(w + 2 * pw, wo * sw))
-        cells = padded[:, :, :ho * sh, :wo * sw].view(n, c, ho, sh, wo, sw)[:, :, :, :kh, :, :kw]
-        return padded, cells
-
-    def _crop(self, padded: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        (ph, pw), (h, w) = self.padding, shape[-2:]
-        return padded[:, :, ph:ph + h, pw:pw + w]
-
-    def _scatter_patches(self, cols: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if not self._disjoint():
-            return F.fold(cols, shape[-2:], self.kernel, self.dilation, self.padding, self.stride)
-        # Patches do not overlap: every input pixel receives at most one value, so the adjoint is a permuted
-        # copy into a zero (padded) input instead of col2im's accumulation.
-        n, c, h, w = shape
-        padded, cells = self._padded_cells(cols, shape)
-        kh, kw = self.kernel
-        cells.copy_(cols.view(n, c, kh, kw, cells.shape[2], cells.shape[4]).permute(0, 1, 4, 2, 5, 3))
-        return self._crop(padded, shape)
+            part = torch.baddbmm(shift, left, c[i])  # (G, nf, per_row·L) = (C·kh·kw, L) of image i
+            self._scatter_patches(out[i:i + 1], part.view(1, ch, *self.kernel, *grid))
+        return out
 
 
 def _gram(c: torch.Tensor) -> torch.Tensor:
