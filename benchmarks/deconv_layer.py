@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from common import (  # noqa: E402  (benchmarks/common.py)
     profiled,
     select_device,
 )
+from sweep_report import machine_description  # noqa: E402  (benchmarks/sweep_report.py)
 
 from seg.nn import FastDeconv  # noqa: E402
 
@@ -156,7 +156,7 @@ def main() -> None:
     if args.breakdown and args.device != "cpu":
         parser.error("--breakdown profiles CPU time; run it with --device cpu")
     device, label = select_device(parser, args.device, args.threads)
-    header = (f"{datetime.date.today()} · {platform.processor() or platform.machine()} · device={device} ({label}) · "
+    header = (f"{datetime.date.today()} · {machine_description(device)} · {label} · "
               f"input={args.batch}xCx{args.size[0]}x{args.size[1]} · isqrt={args.isqrt_method} · "
               f"torch={torch.__version__} · {args.repeats} repetitions after one warm-up\n")
     print("\n".join(result_table(header, [])), flush=True)
