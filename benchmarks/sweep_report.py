@@ -255,6 +255,10 @@ def plot(meta: dict, points: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("pixels per step (batch×H×W)")
         ax.grid(True, which="both", alpha=0.3)
+    pixels = {p["pixels"] for p in fit}
+    if len(pixels) == 1:  # one workload: give the log axis a width (matplotlib cannot scale a zero range)
+        only = pixels.pop()
+        axes[0].set_xlim(only / 2, only * 2)
     axes[0].set_ylabel("time / BN time (median; bars: min–max of paired repetitions)")
     _size_ticks(axes, points)
     if not fit:
