@@ -7,8 +7,8 @@ the second moment is a batch of ``nf × K`` by ``K × nf`` products. ``sampled_m
 second moment with a hand-written backward pass: the gradient of ``Σ cᵢcᵢᵀ`` is ``(G + Gᵀ)·c`` (one product
 instead of autograd's two), the centring's term vanishes (the centred samples sum to zero over the global
 batch) and the gradient reaches the input by one strided copy per kernel offset where patches do not
-overlap (``F.fold`` where they do).
-Same values and gradients as autograd through unfold, mean and outer products, up to rounding.
+overlap (``F.fold`` where they do). Same values and gradients as autograd through unfold, mean and outer
+products, up to rounding.
 """
 
 from __future__ import annotations
@@ -234,14 +234,12 @@ class _SampledMoments(torch.autograd.Function):
         # mean's own gradient reaches the samples through μ, equally to each.
         per_sample = (grad_mean / count).unsqueeze(-1)
         if not ctx.second_grad:
-            grad_c = per_sample.expand(ctx.samples_shape)
+            grad_x = ctx.sampler.scatter(per_sample.expand(ctx.samples_shape), ctx.shape)
+        elif ctx.full:
+            grad_x = ctx.sampler.scatter_product(grad_second + grad_second.mT, c, per_sample, ctx.shape)
         else:
-            if ctx.full:
-                return ctx.sampler.scatter_product(grad_second + grad_second.mT, c, per_sample, ctx.shape), \
-                    None, None, None, None
-            grad_c = c * (2.0 * grad_second).view(1, -1, 1, 1)
-            grad_c.add_(per_sample)
-        return ctx.sampler.scatter(grad_c, ctx.shape), None, None, None, None
+            grad_x = ctx.sampler.scatter(c * (2.0 * grad_second).view(1, -1, 1, 1) + per_sample, ctx.shape)
+        return grad_x, None, None, None, None
 
 
 def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool = False,
