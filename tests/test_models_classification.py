@@ -67,6 +67,18 @@ def test_torchvision_model_with_deconvolution_and_delinear() -> None:
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
 
 
+@pytest.mark.parametrize("arch,norm", [("resnet18", "deconv"), ("resnet18", "bn"), ("tv:resnet18", "deconv")])
+def test_classifier_whitening_follows_the_sync_decision(monkeypatch, arch: str, norm: str) -> None:
+    import seg.models.build as build_module
+
+    cfg = ModelConfig(arch=arch, num_classes=10, norm=norm, block_fc=64)
+    whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
+    assert whitening and not any(m.sync for m in whitening)
+    monkeypatch.setattr(build_module, "_world_size", lambda: 2)  # several processes: the global batch
+    whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
+    assert any(isinstance(m, Delinear) for m in whitening) and all(m.sync for m in whitening)
+
+
 def test_timm_model_with_batchnorm() -> None:
     model = build_model(ModelConfig(arch="timm:resnet18", num_classes=3, norm="bn"))
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)

@@ -138,9 +138,10 @@ def test_channel_deconv_settings_and_block_rule(monkeypatch: pytest.MonkeyPatch)
     # Fewer channels than the block: all of them whitened together.
     model = build("channel_deconv", "deeplabv3plus")
     assert model.head.decoder.block1[1].block == 48 and model.encoder.bn1.block == 64
+    assert not any(m.sync for m in norms.values())
+    # With several processes, the statistics span them (the build's one sync decision).
     monkeypatch.setattr(build_module, "_world_size", lambda: 2)
-    with pytest.warns(UserWarning, match="ChannelDeconv has no cross-process statistics"):
-        build("channel_deconv", "fcn")
+    assert all(m.sync for m in layers(build("channel_deconv", "fcn"), ChannelDeconv).values())
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -32,3 +32,29 @@ def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every, matrix
     torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], layer.weight.grad,
                                rtol=1e-9, atol=1e-10)
     assert SPLIT[0] != SPLIT[1]
+
+
+@pytest.mark.parametrize("kind", ["channel_deconv", "delinear"])
+def test_channel_deconv_and_delinear_sync_equal_one_process(tmp_path, kind):
+    from tests.dist_whitening_worker import make_inputs as whitening_inputs
+
+    ranks = run_two_ranks("dist_whitening_worker.py", tmp_path, kind)
+    layer, x, grad = whitening_inputs(kind)  # sync=True without a process group: the whole batch, locally
+    x = x.clone().requires_grad_()
+    for _ in range(2):
+        x.grad = None
+        y = layer(x)
+        y.backward(grad)
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(x)
+
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat([r["y_eval"] for r in ranks]), y_eval, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), x.grad, rtol=1e-9, atol=1e-10)
+    for r in ranks:
+        for name, buf in layer.named_buffers():
+            torch.testing.assert_close(r["buffers"][name], buf, rtol=1e-10, atol=1e-12, msg=name)
+    if kind == "delinear":
+        torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], layer.weight.grad,
+                                   rtol=1e-9, atol=1e-10)

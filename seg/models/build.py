@@ -164,10 +164,9 @@ def gn_groups(channels: int, groups: int) -> int:
 def _sync_statistics(cfg: ModelConfig) -> bool:
     """Whether normalisation statistics span all processes; the one place this is decided.
 
-    With several processes, always (the global batch, as SyncBatchNorm does): BatchNorm, FastDeconv and
-    IterNorm act on it; GroupNorm and ``none`` have no batch statistics, and ChannelDeconv cannot sync
-    (a warning says so). In one process, only when ``model.deconv.sync`` asks for it (then FastDeconv
-    syncs once a process group exists).
+    With several processes, always (the global batch, as SyncBatchNorm does): BatchNorm, FastDeconv,
+    IterNorm, ChannelDeconv and Delinear act on it; GroupNorm and ``none`` have no batch statistics. In one
+    process, only when ``model.deconv.sync`` asks for it (then the layers sync once a process group exists).
     """
     return _world_size() > 1 or (cfg.norm == "deconv" and cfg.deconv.sync)
 
@@ -222,13 +221,7 @@ def _apply_iternorm(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter
 
 
 def _apply_channel_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    settings = _keywords(cfg.channel_deconv, ChannelDeconv)
-    if sync:
-        warnings.warn(
-            "model.norm=channel_deconv with several processes: ChannelDeconv has no cross-process "
-            "statistics, so each process whitens with its own batch",
-            stacklevel=3,
-        )
+    settings = dict(_keywords(cfg.channel_deconv, ChannelDeconv), sync=sync)
     # Fewer channels than the block: whiten them all together (the reference's heads use block = C).
     return replace_batchnorm(model, lambda c: ChannelDeconv(**dict(settings, block=min(settings["block"], c))))
 

@@ -328,7 +328,8 @@ def build_cifar_model(
             (``--block``, ``--stride``, ``--deconv-iter``, ``--eps``, ``--bias``; the reference leaves momentum
             at 0.1). VGG's first conv gets ``freeze=True`` and ``n_iter=STEM_N_ITER`` instead of ``n_iter``.
             ``eps``, ``n_iter`` and ``momentum`` also set the classifier's whitening (any norm).
-        sync: cross-process statistics for every ``FastDeconv`` (not in the reference; for distributed runs).
+        sync: cross-process statistics for every ``FastDeconv`` and the classifier's whitening (not in the
+            reference; for distributed runs).
         block_fc: the classifier's whitening block (``--block-fc``); 0 means none, a plain ``nn.Linear``.
         fc_whitening: with ``block_fc > 0``: ``delinear`` (the reference's default ``--delinear True``): the
             classifier is ``Delinear(block=block_fc)``; ``channel_deconv`` (``--delinear False``): a
@@ -364,7 +365,8 @@ def build_cifar_model(
 
     # main.py:38-49: the classifier's whitening does not depend on --deconv.
     if block_fc > 0 and fc_whitening == "delinear":
-        layers["classifier_layer"] = partial(Delinear, block=block_fc, eps=eps, n_iter=n_iter, momentum=momentum)
+        layers["classifier_layer"] = partial(Delinear, block=block_fc, eps=eps, n_iter=n_iter, momentum=momentum,
+                                             sync=sync)
     model = CIFAR_ARCHS[arch](num_classes, **layers)
     if block_fc > 0 and fc_whitening == "channel_deconv":
         features = model.num_features
@@ -375,5 +377,5 @@ def build_cifar_model(
         # eps is the run's --eps (1e-5), not ChannelDeconv's own default (1e-2): main.py:47. Assigning the
         # existing attribute keeps its place in the module order (before the classifier).
         model.channel_deconv = ChannelDeconv(block_fc, eps=eps, n_iter=n_iter, momentum=momentum,
-                                             sampling_stride=sampling_stride)
+                                             sampling_stride=sampling_stride, sync=sync)
     return model

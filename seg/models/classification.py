@@ -74,7 +74,7 @@ def _cifar(cfg: ModelConfig, sync: bool) -> nn.Module:
         _check_cifar_deconv(d)
     norm = "deconv" if cfg.norm == "deconv" else "bn"
     try:
-        model = build_cifar_model(cfg.arch, cfg.num_classes, norm, **settings, sync=sync and norm == "deconv",
+        model = build_cifar_model(cfg.arch, cfg.num_classes, norm, **settings, sync=sync,
                                   block_fc=cfg.block_fc, fc_whitening=cfg.fc_whitening)
     except ValueError as e:  # e.g. a ChannelDeconv block larger than the features it whitens
         raise ConfigError(f"model.arch={cfg.arch!r} with model.block_fc={cfg.block_fc}: {e}") from e
@@ -102,7 +102,7 @@ def _final_linear(model: nn.Module, num_classes: int) -> str | None:
     return names[-1] if names else None
 
 
-def _delinear_classifier(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def _delinear_classifier(model: nn.Module, cfg: ModelConfig, sync: bool) -> nn.Module:
     """Replace the final Linear by a ``Delinear`` with block ``model.block_fc`` (same weights to start)."""
     if cfg.fc_whitening != "delinear":
         raise ConfigError(f"key 'model.fc_whitening' has value {cfg.fc_whitening!r}, which only the CIFAR "
@@ -115,7 +115,7 @@ def _delinear_classifier(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     d = cfg.deconv
     try:
         layer = Delinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                         eps=d.eps, n_iter=d.n_iter, momentum=d.momentum, block=cfg.block_fc)
+                         eps=d.eps, n_iter=d.n_iter, momentum=d.momentum, block=cfg.block_fc, sync=sync)
     except ValueError as e:
         raise ConfigError(f"key 'model.block_fc' has value {cfg.block_fc}: {e}") from e
     with torch.no_grad():
@@ -139,7 +139,7 @@ def build_classifier(cfg: ModelConfig, sync: bool) -> nn.Module:
     elif cfg.arch.startswith(PREFIXES) and cfg.arch.partition(":")[2]:
         model = _library_model(cfg)
         if cfg.block_fc > 0:
-            model = _delinear_classifier(model, cfg)
+            model = _delinear_classifier(model, cfg, sync)
         # The same conversion as a segmentation model's; deconv: every conv a FastDeconv with the model.deconv
         # settings, the stem settings on the conv that sees the image.
         model = NORMS[cfg.norm](model, cfg, sync)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from seg.nn.isqrt import METHODS, isqrt
 from seg.nn.moments import PatchSampler, sampled_moments
-from seg.nn.sync import sync_active
+from seg.nn.sync import all_reduce_sum, sync_active
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -461,6 +461,11 @@ class FastDeconv(nn.Conv2d):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
+def _global_sum(t: torch.Tensor, sync: bool) -> torch.Tensor:
+    """``t`` summed over all processes when ``sync`` (differentiable), else ``t``."""
+    return all_reduce_sum(t) if sync else t
+
+
 def in_float32(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` with autocast off and half-precision ``x`` in float32; the result in ``x``'s dtype.
 
@@ -478,11 +483,12 @@ class ChannelDeconv(nn.Module):
 
     As in the reference: channels beyond the largest multiple of ``block`` are standardised with one
     scalar mean and variance; the first training batch initialises the running statistics; the covariance
-    is the second moment of the sampled pixels about zero.
+    is the second moment of the sampled pixels about zero. ``sync``: counts, sums and second moments over
+    all processes of the default group (not in the reference).
     """
 
     def __init__(self, block: int, eps: float = 1e-2, n_iter: int = 5, momentum: float = 0.1,
-                 sampling_stride: int = 3) -> None:
+                 sampling_stride: int = 3, sync: bool = False) -> None:
         super().__init__()
         _check_positive("block", block)
         _check_positive("eps", eps, float)
@@ -491,6 +497,7 @@ class ChannelDeconv(nn.Module):
         _check_positive("sampling_stride", sampling_stride)
         self.block, self.eps, self.n_iter, self.momentum = block, float(eps), n_iter, float(momentum)
         self.sampling_stride = sampling_stride
+        self.sync = bool(sync)
         self.register_buffer("running_mean1", torch.zeros(block, 1))
         self.register_buffer("running_deconv", torch.eye(block))
         self.register_buffer("running_mean2", torch.zeros(1, 1))
@@ -521,12 +528,15 @@ class ChannelDeconv(nn.Module):
         sample = s > 1 and h >= s and w >= s
         first = self.training and int(self.num_batches_tracked) == 0
 
+        sync = self.sync and sync_active()
         x1 = x[:, :c].permute(1, 0, 2, 3).reshape(b, -1)
         x1_s = x1[:, :: s * s] if sample else x1
         if self.training:
-            mean1 = x1_s.mean(-1, keepdim=True)
+            count1 = _global_sum(x1_s.new_tensor(float(x1_s.shape[1])), sync)
+            mean1 = _global_sum(x1_s.sum(-1, keepdim=True), sync) / count1
             self._track(self.running_mean1, mean1, first)
-            cov = x1_s @ x1_s.t() / x1_s.shape[1] + self.eps * torch.eye(b, dtype=x.dtype, device=x.device)
+            second = _global_sum(x1_s @ x1_s.t(), sync)
+            cov = second / count1 + self.eps * torch.eye(b, dtype=x.dtype, device=x.device)
             deconv = isqrt(cov, self.n_iter)
             self._track(self.running_deconv, deconv, first)
         else:
@@ -538,7 +548,9 @@ class ChannelDeconv(nn.Module):
             flat = rest.reshape(n, -1)
             flat_s = flat[:, :: s * s] if sample else flat
             if self.training:
-                mean2, var = flat_s.mean(), flat_s.var()
+                count2 = _global_sum(flat_s.new_tensor(float(flat_s.numel())), sync)
+                mean2 = _global_sum(flat_s.sum(), sync) / count2
+                var = _global_sum((flat_s - mean2).pow(2).sum(), sync) / (count2 - 1)  # unbiased, as .var()
                 self._track(self.running_mean2, mean2.view(1, 1), first)
                 self._track(self.running_var, var.view(1, 1), first)
             else:
@@ -551,10 +563,11 @@ class ChannelDeconv(nn.Module):
 
 
 class Delinear(nn.Module):
-    """A ``Linear`` layer that whitens ``block``-feature groups of its input (shared matrix)."""
+    """A ``Linear`` layer that whitens ``block``-feature groups of its input (shared matrix); ``sync``: the
+    mean and covariance over all processes of the default group (not in the reference)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5,
-                 n_iter: int = 5, momentum: float = 0.1, block: int = 512) -> None:
+                 n_iter: int = 5, momentum: float = 0.1, block: int = 512, sync: bool = False) -> None:
         super().__init__()
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)
@@ -564,6 +577,7 @@ class Delinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.block = resolve_block(block, in_features)
         self.eps, self.n_iter, self.momentum = float(eps), n_iter, float(momentum)
+        self.sync = bool(sync)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.register_buffer("running_mean", torch.zeros(self.block))
@@ -584,11 +598,13 @@ class Delinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Delinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
         if self.training:
+            sync = self.sync and sync_active()
             rows = x.reshape(-1, self.block)
-            mean = rows.mean(0)
+            count = _global_sum(rows.new_tensor(float(rows.shape[0])), sync)
+            mean = _global_sum(rows.sum(0), sync) / count
             centred = rows - mean
             eye = torch.eye(self.block, dtype=x.dtype, device=x.device)
-            cov = centred.t() @ centred / rows.shape[0] + self.eps * eye
+            cov = _global_sum(centred.t() @ centred, sync) / count + self.eps * eye
             deconv = isqrt(cov, self.n_iter)
             with torch.no_grad():
                 self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
