@@ -2,7 +2,7 @@
 
     python benchmarks/deconv_layer.py [--device cpu|cuda] [--threads 2] [--batch 4] [--size 64 128]
                                       [--repeats 9] [--layers "3x3 256->256" ...] [--breakdown]
-                                      [--output benchmarks/results/deconv_layer_cpu]
+                                      [--output benchmarks/results/deconv_layer_cpu] [--check-args]
 
 Prints one row per layer geometry with the ratio FastDeconv / (Conv2d + BatchNorm2d) and the spread of the
 per-repetition ratios; every row is measured in the same run, the two interleaved (alternating which goes
@@ -150,11 +150,17 @@ def main() -> None:
                         help="subset of: " + ", ".join(LAYERS))
     parser.add_argument("--breakdown", action="store_true", help="profile the parts of each training step (CPU)")
     parser.add_argument("--output", type=Path, help="also write OUTPUT.md and OUTPUT.json")
+    parser.add_argument("--check-args", action="store_true",
+                        help="check the arguments, print what would run (JSON) and exit, touching no device")
     args = parser.parse_args()
-    if args.repeats < 1 or args.batch < 1:
-        parser.error("--repeats and --batch must be at least 1")
+    if args.repeats < 1 or args.batch < 1 or args.threads < 1 or min(args.size) < 1:
+        parser.error("--repeats, --batch, --threads and --size must be at least 1")
     if args.breakdown and args.device != "cpu":
         parser.error("--breakdown profiles CPU time; run it with --device cpu")
+    if args.check_args:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                          if k != "check_args"}))
+        return
     device, label = select_device(parser, args.device, args.threads)
     header = (f"{datetime.date.today()} · {machine_description(device)} · {label} · "
               f"input={args.batch}xCx{args.size[0]}x{args.size[1]} · isqrt={args.isqrt_method} · "

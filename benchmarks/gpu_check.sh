@@ -4,8 +4,10 @@
 #       fold/TorchScript export, NCCL and SyncBatchNorm, IterNorm under autocast;
 #   (b) benchmarks/train_step.py --sweep on CUDA (bf16 autocast) at the paper's 8x480x480 and the config's
 #       8x512x1024, DeepLabV3-ResNet-50 OS 8, --norm bn deconv gn iternorm;
-#   (c) benchmarks/inference_fps.py on CUDA: frames/s at 1024x2048, OS 16 and 8.
-# Writes ONE markdown report (default benchmarks/results/gpu_check.md; the sweep's .md/.json/.png and every
+#   (c) benchmarks/inference_fps.py on CUDA: frames/s at 1024x2048, OS 16 and 8;
+#   (d) benchmarks/deconv_layer.py on CUDA: one layer, Conv2d+BatchNorm2d vs FastDeconv (float32).
+# Writes ONE markdown report (default benchmarks/results/gpu_check.md; the sweep's .md/.json/.png, the layer's
+# .md/.json and every
 # step's full log go next to it). A failing or timed-out step is recorded and the next one runs.
 #
 # Usage: benchmarks/gpu_check.sh [--dry-run] [--out FILE]
@@ -20,13 +22,14 @@ set -euo pipefail
 
 TOTAL_BUDGET=470            # seconds for everything, checks included: under 8 minutes
 GRACE=5                     # seconds between timeout's TERM and KILL
-STEPS=(a b c)
+STEPS=(a b c d)
 declare -A TITLE=(
   [a]="pytest -m gpu (tests/test_gpu.py)"
   [b]="train-step sweep on CUDA, bf16: DeepLabV3-ResNet-50 OS 8 at 8x480x480 and 8x512x1024, bn deconv gn iternorm"
   [c]="inference frames/s at 1024x2048 (DeepLabV3-ResNet-50, OS 16 and 8, BN vs folded deconvolution)"
+  [d]="one layer on CUDA, float32: Conv2d+BatchNorm2d vs FastDeconv (benchmarks/deconv_layer.py)"
 )
-declare -A BUDGET=([a]=100 [b]=240 [c]=80)
+declare -A BUDGET=([a]=100 [b]=210 [c]=80 [d]=30)
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die_usage() { echo "gpu_check.sh: $1" >&2; echo "usage: benchmarks/gpu_check.sh [--dry-run] [--out FILE]" >&2; exit 64; }
@@ -67,6 +70,7 @@ step_command() {
             --warmup 2 --repeats 5 --out-dir "$OUT_DIR" --name "$SWEEP_NAME") ;;
     c) CMD=("$PYTHON" benchmarks/inference_fps.py --device cuda --arch deeplabv3 --os 16 8 --encoder resnet50
             --size 1024 2048 --warmup 3 --frames 10) ;;
+    d) CMD=("$PYTHON" benchmarks/deconv_layer.py --device cuda --repeats 20 --output "$OUT_DIR/${STEM}_layer") ;;
   esac
 }
 
@@ -79,7 +83,7 @@ print_plan() {
     printf '  (%s) %4d s  %s\n        %s\n' "$s" "${BUDGET[$s]}" "${TITLE[$s]}" "${CMD[*]}"
   done
   echo "  steps: $total s at most, within the $TOTAL_BUDGET s budget (the rest: CUDA check, machine description)"
-  echo "  report: $OUT (sweep: $OUT_DIR/$SWEEP_NAME.{md,json,png}; logs: $OUT_DIR/${STEM}_{a,b,c}.log)"
+  echo "  report: $OUT (sweep: $OUT_DIR/$SWEEP_NAME.{md,json,png}; layer: $OUT_DIR/${STEM}_layer.{md,json}; logs: $OUT_DIR/${STEM}_{a,b,c,d}.log)"
   echo "  python: $PYTHON"
 }
 
@@ -135,7 +139,7 @@ dry_run() {
   check "benchmarks/gpu_check.py env" "$PYTHON" benchmarks/gpu_check.py env
   check "(a) pytest --collect-only -m gpu tests/test_gpu.py" collect_gpu_tests
   local s
-  for s in b c; do
+  for s in b c d; do
     step_command "$s"
     check "($s) ${CMD[1]} --help" "${CMD[@]:0:2}" --help
     check "($s) ${CMD[1]} accepts the step's flags (--check-args)" "${CMD[@]}" --check-args

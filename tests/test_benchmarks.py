@@ -181,7 +181,8 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "report" / "check.md"
     proc = gpu_check("--dry-run", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for text in ("(a)  100 s  pytest -m gpu", "(b)  240 s  train-step sweep", "(c)   80 s  inference frames/s",
+    for text in ("(a)  100 s  pytest -m gpu", "(b)  210 s  train-step sweep", "(c)   80 s  inference frames/s",
+                 "(d)   30 s  one layer on CUDA", f"--repeats 20 --output {out.parent}/check_layer",
                  "--sizes 8x480x480 8x512x1024 --archs deeplabv3 --output-strides 8 --encoder resnet50 "
                  "--norm bn deconv gn iternorm", f"--out-dir {out.parent} --name check_sweep",
                  "--device cuda --arch deeplabv3 --os 16 8 --encoder resnet50 --size 1024 2048",
@@ -207,7 +208,7 @@ def test_gpu_check_stops_at_once_without_cuda(tmp_path: Path) -> None:
 
 
 STAND_IN_PYTHON = r"""#!/usr/bin/env bash
-# Claims CUDA; pytest passes, the sweep writes its markdown, inference fails.
+# Claims CUDA; pytest passes, the sweep writes its markdown, inference fails, the layer prints its table.
 case "$*" in
   *cuda.is_available*) echo True ;;
   *gpu_check.py\ env*) echo "- GPU 0: stand-in" ;;
@@ -215,6 +216,7 @@ case "$*" in
     while (($#)); do case "$1" in --out-dir) dir=$2 ;; --name) name=$2 ;; esac; shift; done
     printf '# Train-step sweep: stand-in\n\n| model | ratio |\n' >"$dir/$name.md"; echo "sweep done" ;;
   *inference_fps.py*) echo "inference broke" >&2; exit 3 ;;
+  *deconv_layer.py*) echo "| 3x3 256->256 | stand-in |" ;;
   "-m pytest "*) echo "4 passed" ;;
 esac
 """
@@ -230,7 +232,8 @@ def test_gpu_check_records_every_step_in_one_report(tmp_path: Path) -> None:
     report = out.read_text()
     assert report.startswith("# GPU check") and "- GPU 0: stand-in" in report
     rows = [line for line in report.splitlines() if line.startswith("| (")]
-    assert [row.split("|")[5].strip() for row in rows] == ["ok", "ok", "FAILED (exit 3)"]
+    assert [row.split("|")[5].strip() for row in rows] == ["ok", "ok", "FAILED (exit 3)", "ok"]
     assert "4 passed" in report and "## Train-step sweep: stand-in" in report and "inference broke" in report
+    assert "| 3x3 256->256 | stand-in |" in report
     assert {p.name for p in out.parent.iterdir()} == {"gpu.md", "gpu_sweep.md", "gpu_a.log", "gpu_b.log",
-                                                      "gpu_c.log"}
+                                                      "gpu_c.log", "gpu_d.log"}
