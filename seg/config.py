@@ -55,7 +55,8 @@ def _check_value(key: str, value: Any, rules: typing.Mapping[str, Any]) -> None:
     if "length" in rules and len(value) != rules["length"]:
         raise ConfigError(f"key '{key}' has value {value!r}, expected a list of {rules['length']} values")
     items = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not items:
+    if isinstance(value, list) and not items and rules:
+        # A list with rules (a length, bounds on its values) needs values; one without may be empty.
         raise ConfigError(f"key '{key}' is an empty list, expected at least one value")
     bounds = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
               ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
@@ -108,6 +109,9 @@ class DeconvConfig(_Section):
     # ND++ (Ye et al.'s follow-up): normalise each deconvolution layer's input per sample before its
     # statistics, in training and eval. none = the original operator.
     norm_type: str = opt("none", choices=("none", "layernorm", "l1norm"))
+    # BatchNorm layers to keep (shell-style patterns of module names, e.g. "*.downsample.1"): the reference's
+    # ImageNet ResNets keep a BatchNorm after each shortcut conv. Empty: every BatchNorm is removed.
+    keep_bn: list[str] = opt(factory=list)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from seg.checkpoint import CheckpointError, save_checkpoint
-from seg.config import Config, ConfigError, DataConfig, DeconvConfig, ModelConfig, to_dict
+from seg.config import Config, ConfigError, DataConfig, DeconvConfig, ModelConfig, load_config, to_dict
 from seg.models import Segmenter, build_model, model_from_checkpoint
 from seg.models.cifar import CifarResNet, CifarVGG
 from seg.nn import ChannelDeconv, Delinear, FastDeconv, IterNorm
@@ -77,6 +77,20 @@ def test_classifier_whitening_follows_the_sync_decision(monkeypatch, arch: str, 
     monkeypatch.setattr(build_module, "_world_size", lambda: 2)  # several processes: the global batch
     whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
     assert any(isinstance(m, Delinear) for m in whitening) and all(m.sync for m in whitening)
+
+
+def test_imagenet_deconv_config_keeps_the_shortcut_batchnorms() -> None:
+    # The reference's ImageNet ResNets keep a BatchNorm after each 1x1 shortcut conv, and only there.
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "imagenet" / "resnet18_deconv.yaml").model
+    model = build_model(cfg)
+    norms = sorted(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+    assert norms == [f"layer{i}.0.downsample.1" for i in (2, 3, 4)]
+    assert all(isinstance(model.get_submodule(f"layer{i}.0.downsample.0"), FastDeconv) for i in (2, 3, 4))
+    assert isinstance(model.fc, Delinear)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+    bad = ModelConfig(arch="tv:resnet18", num_classes=10, norm="deconv", deconv=DeconvConfig(keep_bn=["*.bn9"]))
+    with pytest.raises(ConfigError, match=r"model.deconv.keep_bn.*'\*.bn9'.*layer1.0.bn1"):
+        build_model(bad)
 
 
 def test_timm_model_with_batchnorm() -> None:

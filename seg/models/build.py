@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import inspect
 import logging
 import warnings
@@ -59,7 +60,7 @@ ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 DECODER_CHANNELS = 256
 # Fields of ``model.deconv`` that the builder itself acts on; every other field is a ``deconvolve``
 # keyword of the same name and is passed on as it is, so a new setting is not listed again here.
-BUILDER_DECONV_FIELDS = frozenset({"classifier"})
+BUILDER_DECONV_FIELDS = frozenset({"classifier", "keep_bn"})
 
 
 def _check_encoder(name: str) -> None:
@@ -175,7 +176,8 @@ def _apply_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
     d = cfg.deconv
     settings = deconv_settings(d, sync=sync)
     classifiers = _classifier_names(model)
-    model = deconvolve(model, exclude=classifiers, **settings)
+    kept = _kept_batchnorms(model, d.keep_bn, cfg.arch)
+    model = deconvolve(model, exclude=classifiers + kept, **settings)
     if d.classifier:
         # The reference heads whiten all of the classifier's input channels together (block = C_in).
         for name in classifiers:
@@ -183,7 +185,21 @@ def _apply_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
             parent = model.get_submodule(parent_name)
             conv = getattr(parent, attr)
             setattr(parent, attr, deconvolve(conv, **dict(settings, block=conv.in_channels)))
-    return model
+    # The BatchNorms kept normalise like those of a bn model, over all processes when the statistics sync.
+    return _apply_bn(model, cfg, sync) if kept else model
+
+
+def _kept_batchnorms(model: nn.Module, patterns: list[str], arch: str) -> list[str]:
+    """Names of the BatchNorm layers that ``model.deconv.keep_bn`` keeps; a pattern matching none is an error."""
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = []
+    for pattern in patterns:
+        found = [n for n in norms if fnmatch.fnmatchcase(n, pattern)]
+        if not found:
+            raise ConfigError(f"key 'model.deconv.keep_bn' has pattern {pattern!r}, which matches no BatchNorm "
+                              f"layer of {arch}; its BatchNorm layers are named like {norms[:3]}")
+        kept += [n for n in found if n not in kept]
+    return kept
 
 
 def _apply_bn(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
