@@ -506,7 +506,8 @@ def bench_workload(arch: str, output_stride: int, workload: tuple[int, int, int]
     except subprocess.CalledProcessError as e:
         if e.returncode == -9 or is_out_of_memory(RuntimeError(e.stderr or "")):
             raise DidNotFit(f"the memory subprocess ran out of memory (exit {e.returncode})") from None
-        raise
+        tail = "\n".join((e.stderr or "").strip().splitlines()[-5:])
+        raise RuntimeError(f"the memory subprocess failed (exit {e.returncode}):\n{tail}") from None
     except RuntimeError as e:
         if is_out_of_memory(e):
             raise DidNotFit(f"out of memory ({str(e).splitlines()[0][:120]})") from None
