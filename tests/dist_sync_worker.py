@@ -57,6 +57,24 @@ def run_two_ranks(script: str, out_dir: Path, *args: str) -> list[dict]:
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+def assert_ranks_match_one_process(ranks: list[dict], values: dict, input_grads: dict, buffers: dict,
+                                   param_grads: dict) -> None:
+    """Two ranks' saved results against one process on the whole batch: per-sample ``values`` and
+    ``input_grads`` concatenated over the ranks, ``buffers`` equal on every rank, and ``param_grads`` the sum
+    of the ranks' shares (DDP sums them). Keys are the names the worker saved."""
+    first = next(iter(values))
+    assert ranks[0][first].shape[0] != ranks[1][first].shape[0]  # an unequal split: counts must be weighted
+    for key, full in values.items():
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), full, rtol=1e-10, atol=1e-10, msg=key)
+    for key, full in input_grads.items():
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), full, rtol=1e-9, atol=1e-10, msg=key)
+    for key, buf in buffers.items():
+        for r in ranks:
+            torch.testing.assert_close(r[key], buf, rtol=1e-10, atol=1e-12, msg=key)
+    for key, grad in param_grads.items():
+        torch.testing.assert_close(ranks[0][key] + ranks[1][key], grad, rtol=1e-9, atol=1e-10, msg=key)
+
+
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     stats_every = int(sys.argv[2]) if len(sys.argv) > 2 else 1

@@ -42,7 +42,7 @@ def worker(rank: int, out_dir: str, init_file: str, kind: str) -> None:
     layer.eval()
     with torch.no_grad():
         y_eval = layer(xl)
-    results = {"y": y.detach(), "y_eval": y_eval, "grad_x": xl.grad, "buffers": dict(layer.named_buffers())}
+    results = {"y": y.detach(), "y_eval": y_eval, "grad_x": xl.grad, **dict(layer.named_buffers())}
     if isinstance(layer, Delinear):
         results["grad_weight"] = layer.weight.grad
     save_and_exit(rank, out_dir, results)

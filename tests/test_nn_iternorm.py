@@ -14,8 +14,8 @@ import torch
 
 from seg.nn import IterNorm
 from tests.deconv_reference import assert_matches_reference
-from tests.dist_iternorm_worker import SPLIT, make_inputs
-from tests.dist_sync_worker import run_two_ranks
+from tests.dist_iternorm_worker import make_inputs
+from tests.dist_sync_worker import assert_ranks_match_one_process, run_two_ranks
 
 
 def _group_matrix(x: torch.Tensor, channels: range) -> torch.Tensor:
@@ -306,14 +306,7 @@ def test_sync_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
         y = layer(x)
         y.backward(grad)
 
-    assert SPLIT[0] != SPLIT[1]
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), x.grad, rtol=1e-9, atol=1e-10)
-    for r in ranks:
-        torch.testing.assert_close(r["running_mean"], layer.running_mean, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(r["running_wm"], layer.running_wm, rtol=1e-10, atol=1e-12)
-    # Each rank's parameter gradient is its share; DDP sums (averages) them.
-    torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], layer.weight.grad,
-                               rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(ranks[0]["grad_bias"] + ranks[1]["grad_bias"], layer.bias.grad,
-                               rtol=1e-9, atol=1e-10)
+    assert_ranks_match_one_process(
+        ranks, values={"y": y.detach()}, input_grads={"grad_x": x.grad},
+        buffers={"running_mean": layer.running_mean, "running_wm": layer.running_wm},
+        param_grads={"grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_sync_worker import SPLIT, make_inputs, run_two_ranks
+from tests.dist_sync_worker import assert_ranks_match_one_process, make_inputs, run_two_ranks
 
 
 @pytest.mark.parametrize("stats_every,matrix_grad,norm_type",
@@ -23,15 +23,10 @@ def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every, matrix
         y = layer(x)
         y.backward(grad)
 
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), x.grad, rtol=1e-9, atol=1e-10)
-    for r in ranks:
-        torch.testing.assert_close(r["running_mean"], layer.running_mean, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(r["running_deconv"], layer.running_deconv, rtol=1e-10, atol=1e-12)
-    # Each rank's weight gradient is its share; DDP sums (averages) them.
-    torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], layer.weight.grad,
-                               rtol=1e-9, atol=1e-10)
-    assert SPLIT[0] != SPLIT[1]
+    assert_ranks_match_one_process(
+        ranks, values={"y": y.detach()}, input_grads={"grad_x": x.grad},
+        buffers={"running_mean": layer.running_mean, "running_deconv": layer.running_deconv},
+        param_grads={"grad_weight": layer.weight.grad})
 
 
 @pytest.mark.parametrize("kind", ["channel_deconv", "delinear"])
@@ -49,12 +44,7 @@ def test_channel_deconv_and_delinear_sync_equal_one_process(tmp_path, kind):
     with torch.no_grad():
         y_eval = layer(x)
 
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.cat([r["y_eval"] for r in ranks]), y_eval, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), x.grad, rtol=1e-9, atol=1e-10)
-    for r in ranks:
-        for name, buf in layer.named_buffers():
-            torch.testing.assert_close(r["buffers"][name], buf, rtol=1e-10, atol=1e-12, msg=name)
-    if kind == "delinear":
-        torch.testing.assert_close(ranks[0]["grad_weight"] + ranks[1]["grad_weight"], layer.weight.grad,
-                                   rtol=1e-9, atol=1e-10)
+    assert_ranks_match_one_process(
+        ranks, values={"y": y.detach(), "y_eval": y_eval}, input_grads={"grad_x": x.grad},
+        buffers=dict(layer.named_buffers()),
+        param_grads={"grad_weight": layer.weight.grad} if kind == "delinear" else {})
