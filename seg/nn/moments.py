@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from seg.nn.sync import summed_over_processes
 
 
 @dataclass(frozen=True)
@@ -185,12 +186,6 @@ def _gram(c: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone().contiguous()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 class _SampledMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool,
@@ -199,7 +194,7 @@ class _SampledMoments(torch.autograd.Function):
         count = torch.tensor(float(c.shape[0] * c.shape[-1]), dtype=c.dtype, device=c.device)
         total = c.sum((0, 3))
         if sync:
-            count, total = _all_reduce(count), _all_reduce(total)
+            count, total = summed_over_processes(count), summed_over_processes(total)
         elif c.shape[0] * c.shape[-1] == 0:
             raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
         mean = total / count
@@ -209,7 +204,7 @@ class _SampledMoments(torch.autograd.Function):
         else:
             second = c.pow(2).sum((0, 2, 3))  # the trace only (G,): the rescaled steps' mean variance
         if sync:
-            second = _all_reduce(second)
+            second = summed_over_processes(second)
         keep = second_grad and ctx.needs_input_grad[0]
         ctx.save_for_backward(c if keep else None, count)
         ctx.sampler, ctx.full, ctx.sync, ctx.second_grad = sampler, full, sync, keep
@@ -228,8 +223,8 @@ class _SampledMoments(torch.autograd.Function):
         if ctx.sync:
             # Every process's loss depends on the reduced values: the local samples receive the sum of all
             # processes' gradients (as an all-reduce's backward pass).
-            grad_mean = _all_reduce(grad_mean)
-            grad_second = _all_reduce(grad_second) if ctx.second_grad else grad_second
+            grad_mean = summed_over_processes(grad_mean)
+            grad_second = summed_over_processes(grad_second) if ctx.second_grad else grad_second
         # ∂/∂μ of the second moment is −(G + Gᵀ)·Σc, zero since the centred samples sum to zero: only the
         # mean's own gradient reaches the samples through μ, equally to each.
         per_sample = (grad_mean / count).unsqueeze(-1)

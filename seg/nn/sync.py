@@ -16,20 +16,23 @@ def sync_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``tensor`` summed over all processes (no autograd; for use inside autograd Functions)."""
+    out = tensor.clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = tensor.clone().contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return summed_over_processes(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # d(sum over ranks)/d(local) is the identity, and every rank's loss depends on the reduced value:
         # the local input's gradient is the sum of all ranks' output gradients.
-        grad = grad.clone().contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return summed_over_processes(grad)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
