@@ -174,6 +174,13 @@ class DataConfig(_Section):
     val_split: str = "val"
     crop_size: list[int] = opt(factory=lambda: [512, 1024], length=2, ge=1)  # H, W
     scale_range: list[float] = opt(factory=lambda: [0.5, 2.0], length=2, gt=0)  # min, max
+    # The other way to draw the training scale: the short side resized to a random integer in [min, max]
+    # (the paper's code's RandomResize, e.g. [260, 1040] from its base size 520); scale_range must then be
+    # [1.0, 1.0]. null: scale_range decides.
+    short_side_range: list[int] | None = opt(None, length=2, ge=1)
+    # Where the image sits when padded up to the crop (image 0, label 255): center, or top_left (padding at
+    # the bottom and right, after the flip, as the paper's code's RandomCrop does).
+    pad_position: str = opt("center", choices=("center", "top_left"))
     hflip_prob: float = opt(0.5, ge=0, le=1)
     # Photometric jitter strengths (0 disables each).
     brightness: float = opt(0.25, ge=0)
@@ -183,12 +190,26 @@ class DataConfig(_Section):
     mean: list[float] = opt(factory=lambda: [0.485, 0.456, 0.406], length=3)
     std: list[float] = opt(factory=lambda: [0.229, 0.224, 0.225], length=3, gt=0)
     num_workers: int = opt(4, ge=0)
+    # Validation images resized so that their short side is this (labels nearest), as the paper's code
+    # validates at 520; null: full resolution (the benchmark).
+    val_short_side: int | None = opt(None, ge=1)
+    # trainid: the 19 Cityscapes classes, void ignored (255). reference: the paper's code's 21 classes, every
+    # void label id class 0 (trained on and scored), the 19 classes 1..19, class 20 never a label; needs
+    # model.num_classes 21 (seg/data/labels.py holds both mappings).
+    label_mapping: str = opt("trainid", choices=("trainid", "reference"))
 
     def check(self) -> None:
         if self.scale_range[0] > self.scale_range[1]:
             raise ConfigError(
                 f"key 'data.scale_range' has value {self.scale_range}, expected [min, max] with min <= max"
             )
+        if self.short_side_range is not None:
+            if self.short_side_range[0] > self.short_side_range[1]:
+                raise ConfigError(f"key 'data.short_side_range' has value {self.short_side_range}, "
+                                  f"expected [min, max] with min <= max")
+            if self.scale_range != [1.0, 1.0]:
+                raise ConfigError(f"key 'data.scale_range' has value {self.scale_range} while data.short_side_range "
+                                  f"is set; expected [1.0, 1.0] (one of the two draws the training scale)")
 
 
 @dataclass
@@ -224,8 +245,9 @@ class EvalConfig(_Section):
     scales: list[float] = opt(factory=lambda: [1.0], gt=0)
     flip: bool = False
     batch_size: int = opt(1, ge=1)
-    # Reference-compatible scoring (NOT the benchmark metric): 21 outputs with void as class 0,
-    # IoU averaged over all 21, images resized to short side 520.
+    # Also score the paper's code's way (NOT the benchmark metric): void is class 0 and counted, the mean of
+    # all 21 IoUs (class 20 never occurs: IoU 0), at short side 520 (images resized there unless the data
+    # already is). Reported as miou_reference next to the 19-class mIoU of the same predictions.
     reference_compat: bool = False
 
 
@@ -242,6 +264,9 @@ class Config(_Section):
         if self.task == "segmentation":
             _check_value("model.arch", self.model.arch, {"choices": SEGMENTATION_ARCHS})
             _check_value("data.dataset", self.data.dataset, {"choices": ("cityscapes",)})
+            if self.data.label_mapping == "reference" and self.model.num_classes != 21:
+                raise ConfigError(f"key 'model.num_classes' has value {self.model.num_classes} with "
+                                  f"data.label_mapping 'reference', expected 21 (void, 19 classes, one unused)")
         elif self.data.dataset == "cityscapes":
             raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
                               "'classification' expects one of cifar10, cifar100, imagenet")

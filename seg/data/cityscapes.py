@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from seg.data.labels import IGNORE_INDEX, NUM_CLASSES, label_to_train
+from seg.data.labels import IGNORE_INDEX, NUM_CLASSES, label_to_train, train_to_reference
 from seg.errors import UserError
 from seg.media import MediaError, read_image_rgb, read_mask
 
@@ -55,14 +55,25 @@ class CityscapesDataset(Dataset):
         split: ``train``, ``val``, ``test`` (or any folder name under ``leftImg8bit/``).
         transform: an albumentations-style callable ``f(image=..., mask=...) -> dict``; None returns numpy
             arrays (RGB uint8 HxWx3, int64 HxW).
+        label_mapping: ``trainid`` (19 classes, 255 = ignore) or ``reference`` (the paper's code's ids: void
+            0, classes 1..19; see :mod:`seg.data.labels`), applied before ``transform``, whose padding is 255.
 
     ``files`` lists ``(image_path, label_path_or_None)``; the mask is int64 with 255 = ignore.
     """
 
-    def __init__(self, root: str | Path, split: str, transform: Callable[..., dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        label_mapping: str = "trainid",
+    ):
+        if label_mapping not in ("trainid", "reference"):
+            raise ValueError(f"label_mapping must be 'trainid' or 'reference', got {label_mapping!r}")
         self.root = Path(root)
         self.split = split
         self.transform = transform
+        self.label_mapping = label_mapping
         if not (self.root / "leftImg8bit").is_dir():
             what = "does not exist" if not self.root.exists() else "has no leftImg8bit/ folder"
             raise DatasetError(f"Cityscapes root {self.root} {what}; " + LAYOUT_HELP.format(root=self.root))
@@ -96,7 +107,7 @@ class CityscapesDataset(Dataset):
         return len(self.files)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw pair: RGB uint8 HxWx3 image and uint8 HxW trainId mask (255 = ignore)."""
+        """The raw pair: RGB uint8 HxWx3 image and uint8 HxW mask (trainIds, 255 = ignore, or the paper's ids)."""
         image_path, label_path = self.files[index]
         try:
             image = read_image_rgb(image_path)
@@ -119,6 +130,8 @@ class CityscapesDataset(Dataset):
                     f"label {label_path} holds value {int(label[bad][0])}, not a trainId "
                     f"(expected 0..{NUM_CLASSES - 1} or {IGNORE_INDEX})"
                 )
+        if self.label_mapping == "reference":
+            label = train_to_reference(label)
         return image, label
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
