@@ -142,7 +142,9 @@ class ChannelDeconvConfig(_Section):
 class ModelConfig(_Section):
     _key = "model"
     # segmentation: deeplabv3 | deeplabv3plus | fcn; classification: a CIFAR architecture of the paper
-    # (vgg11/13/16/19, resnet18/34/50) or any torchvision/timm classifier by name (tv:resnet50, timm:densenet121)
+    # (vgg11/13/16/19, resnet18/34/50, preact_resnet18, densenet121, resnext29_32x4d, mobilenetv2, dpn92,
+    # pnasnet_a, pnasnet_b, senet18, efficientnet_b0) or any torchvision/timm classifier by name (tv:resnet50,
+    # timm:densenet121)
     arch: str = "deeplabv3"
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
     output_stride: int = opt(8, choices=(8, 16))
