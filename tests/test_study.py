@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seg.checkpoint import save_checkpoint
+from seg.checkpoint import load_checkpoint, save_checkpoint
 from seg.config import ConfigError, load_config, to_dict
 from seg.errors import UserError
 from seg.study import (
@@ -28,7 +28,9 @@ from seg.study import (
     metric_for_task,
     paired_differences,
     plan_runs,
+    plan_sweep_runs,
     run_study,
+    select,
     study_task,
     summarize,
     t_quantile,
@@ -447,3 +449,149 @@ def test_ctrl_c_stops_the_children_cleanly(tmp_path: Path, synthetic_root: Path)
     assert "stopped by SIGINT" in (run_dir / "train.log").read_text() and (run_dir / "last.pth").is_file()
     summary = json.loads((tmp_path / "out" / "study.json").read_text())
     assert summary["variants"]["bn"]["runs"][0]["status"] == "interrupted"
+
+
+# --------------------------------------------------------------------------------------------
+# sweeps: a value per variant picked on selection seeds, then the reported seeds at the pick
+
+SWEEP = {"key": "train.lr", "values": [0.01, 0.1], "seeds": [7], "rule": "best_mean_final",
+         "opts": ["train.iterations=1"]}
+
+
+@pytest.mark.parametrize(("sweep", "names"), [
+    ({**SWEEP, "seeds": [0, 7]}, ["'sweep.seeds'", "shares seeds [0]"]),
+    ({**SWEEP, "rule": "best_guess"}, ["'sweep.rule'", "best_guess", "best_mean_final"]),
+    ({**SWEEP, "key": "train.seed"}, ["'sweep.key'"]),
+    ({**SWEEP, "values": []}, ["'sweep.values'"]),
+    ({**SWEEP, "values": [0.1, 0.1]}, ["'sweep.values'", "repeats"]),
+    ({**SWEEP, "values": {"bn": [0.1]}}, ["'sweep.values'", "deconv"]),
+    ({**SWEEP, "step": 2}, ["'sweep.step'"]),
+    ({k: v for k, v in SWEEP.items() if k != "rule"}, ["'sweep.rule'", "missing"]),
+    ({**SWEEP, "key": "train.lrr"}, ["train.lrr"]),
+    ({**SWEEP, "values": ["fast"]}, ["train.lr", "fast"]),
+])
+def test_bad_sweeps_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture, sweep: dict,
+                                       names: list[str]) -> None:
+    path = write_study(tmp_path / "bad.yaml", sweep=sweep)
+    assert study_tool.main([str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert all(n in lines[0] for n in [str(path), *names]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_variant_may_not_set_the_swept_key(tmp_path: Path) -> None:
+    path = write_study(tmp_path / "s.yaml", sweep=SWEEP, variants={"bn": ["model.norm=bn", "train.lr=0.5"]})
+    with pytest.raises(ConfigError, match=r"variants.bn.*train.lr"):
+        load_study(path)
+    study = load_study(write_study(tmp_path / "ok.yaml", sweep=SWEEP))
+    with pytest.raises(ConfigError, match="swept key"):
+        plan_runs(study, tmp_path / "out", ["train.lr=0.3"])
+
+
+def test_sweep_plan_layout_and_overrides(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path / "s.yaml", sweep={**SWEEP, "values": {"bn": [0.01, 0.1],
+                                                                                  "deconv": [0.3]}}))
+    specs = plan_sweep_runs(study, tmp_path / "out", ["train.iterations=5"])
+    assert [(s.label, s.value) for s in specs] == [("bn/lr_0.01/seed7", 0.01), ("bn/lr_0.1/seed7", 0.1),
+                                                   ("deconv/lr_0.3/seed7", 0.3)]
+    assert specs[1].work_dir == tmp_path / "out" / "bn" / "sweep" / "lr_0.1" / "seed7"
+    assert specs[1].overrides == ["model.norm=bn", "train.lr=0.1", "train.iterations=1", "train.iterations=5",
+                                  "train.seed=7"]
+    assert (specs[1].cfg.train.lr, specs[1].cfg.train.seed) == (0.1, 7)
+    assert plan_runs(study, tmp_path / "out") == []  # the reported runs wait for their picks
+    reported = plan_runs(study, tmp_path / "out", picks={"deconv": 0.3})
+    assert [(s.label, s.cfg.train.lr, s.cfg.train.iterations) for s in reported] == [
+        ("deconv/seed0", 0.3, 300), ("deconv/seed1", 0.3, 300)]
+
+
+def _selection_run(out: Path, variant: str, value: float, seed: int, miou: float | None) -> None:
+    rows = [_val(1, miou, 1.0)] if miou is not None else [{"event": "diverged", "iteration": 1, "message": "nan"}]
+    _write_run(out / variant / "sweep" / f"lr_{value}" / f"seed{seed}", rows)
+
+
+def test_selection_rule_by_hand(tmp_path: Path) -> None:
+    """best_mean_final: mean over selection seeds, diverged = 0, ties to the first value; edges flagged."""
+    sweep = {**SWEEP, "values": [0.01, 0.1, 1.0], "seeds": [7, 8]}
+    study = load_study(write_study(tmp_path / "s.yaml", sweep=sweep))
+    out = tmp_path / "out"
+    scores = {("bn", 0.01): (0.30, 0.20), ("bn", 0.1): (0.40, 0.30), ("bn", 1.0): (0.90, None),
+              ("deconv", 0.01): (0.50, 0.50), ("deconv", 0.1): (0.60, 0.40), ("deconv", 1.0): (None, None)}
+    for (variant, value), pair in scores.items():
+        for seed, miou in zip((7, 8), pair, strict=True):
+            _selection_run(out, variant, value, seed, miou)
+    specs = plan_sweep_runs(study, out, ["train.iterations=1"])
+    selection = select(study, specs, [load_run(s.variant, s.seed, s.work_dir, 1) for s in specs], "miou")
+    bn, deconv = selection["variants"]["bn"], selection["variants"]["deconv"]
+    assert [r["mean"] for r in bn["values"]] == pytest.approx([0.25, 0.35, 0.45])  # 1.0: (0.9 + 0) / 2
+    assert bn["picked"] == 1.0 and bn["at_edge"]
+    assert [r["mean"] for r in deconv["values"]] == pytest.approx([0.5, 0.5, 0.0])
+    assert deconv["picked"] == 0.01 and deconv["at_edge"]  # a tie goes to the value listed first
+    assert deconv["values"][2]["statuses"] == ["diverged", "diverged"]
+    (out / "deconv" / "sweep" / "lr_0.1" / "seed8" / "metrics.jsonl").unlink()
+    selection = select(study, specs, [load_run(s.variant, s.seed, s.work_dir, 1) for s in specs], "miou")
+    assert selection["variants"]["deconv"]["picked"] is None
+    assert "0.1" in selection["variants"]["deconv"]["why_none"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """bn and deconv, lr in {0.01, 0.1} on selection seed 7 (1 iteration), then seeds 0, 1 at the pick."""
+    d = tmp_path_factory.mktemp("sweep")
+    study = load_study(write_study(d / "tiny.yaml", sweep=SWEEP, opts=["train.iterations=2"]))
+    lines: list[str] = []
+    opts = [o for o in tiny_opts(synthetic_root) if not o.startswith("train.iterations")]
+    result = run_study(study, d / "out", opts, device="cpu", jobs=2, log=lines.append)
+    return {"study": study, "out": d / "out", "result": result, "log": lines, "opts": opts}
+
+
+def test_tiny_sweep_picks_then_reports(tiny_sweep: dict) -> None:
+    out, result = tiny_sweep["out"], tiny_sweep["result"]
+    assert not result.failed and result.signum is None, [r.message for r in result.failed]
+    summary = json.loads((out / "study.json").read_text())
+    sel = summary["sweep"]
+    for variant in ("bn", "deconv"):
+        rows = sel["variants"][variant]["values"]
+        finals = []
+        for row in rows:
+            recs = read_metrics(out / variant / "sweep" / f"lr_{row['value']}" / "seed7" / "metrics.jsonl")
+            val = [r for r in recs if r["event"] == "val"][-1]
+            assert val["iteration"] == 1 and row["scores"] == [val["miou"]]
+            finals.append(val["miou"])
+        picked = sel["variants"][variant]["picked"]
+        assert picked == rows[finals.index(max(finals))]["value"]
+        assert f"picked train.lr={picked} for {variant} (best_mean_final)" in tiny_sweep["log"]
+        for seed in (0, 1):  # the reported runs: their own seeds, at the pick, the study's iterations (not 1)
+            ckpt = load_checkpoint(out / variant / f"seed{seed}" / "last.pth")
+            assert ckpt["config"]["train"]["lr"] == picked and ckpt["config"]["train"]["seed"] == seed
+            assert ckpt["iteration"] == 2
+        assert summary["variants"][variant]["counts"]["finished"] == 2
+    assert [r.seed for r in result.runs] == [0, 1, 0, 1] and {r.seed for r in result.selection_runs} == {7}
+    md = (out / "study.md").read_text()
+    assert "Selection of `train.lr`" in md and "best_mean_final" in md and "miou_vs_lr.png" in md
+    assert (out / "miou_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in FIGURES:  # the equal-iterations and equal-seconds views stay
+        assert (out / name).is_file()
+
+
+def test_tiny_sweep_second_call_skips_everything(tiny_sweep: dict) -> None:
+    lines: list[str] = []
+    result = run_study(tiny_sweep["study"], tiny_sweep["out"], tiny_sweep["opts"], device="cpu", jobs=2,
+                       log=lines.append)
+    assert not result.failed
+    assert sum(line.startswith("skip") for line in lines) == 8 and not any("start" in line for line in lines)
+    assert any(line.startswith("skip bn/lr_0.01/seed7") for line in lines)
+
+
+def test_a_failing_selection_run_stops_that_variant_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                                ) -> None:
+    path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]},
+                       sweep={**SWEEP, "values": [0.1]})
+    argv = [str(path), "--out", str(tmp_path / "out"), "--device", "cpu", "--opts",
+            *tiny_opts(tmp_path / "nowhere")]
+    assert study_tool.main(argv) == 1
+    assert "bn/sweep/lr_0.1/seed7 (failed)" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert summary["sweep"]["variants"]["bn"]["picked"] is None
+    assert summary["variants"]["bn"]["runs"] == [] and not (tmp_path / "out" / "bn" / "seed0").exists()

@@ -4,7 +4,9 @@
     python tools/study.py studies/normalization_synthetic.yaml --jobs 2 --opts train.iterations=100
     python tools/study.py studies/normalization_cityscapes.yaml --device cuda --jobs 4   # one GPU per run
 
-Runs go to DIR/<variant>/seed<k>/ (DIR: --out, default checkpoints/studies/<name>), each with its train.log.
+Runs go to DIR/<variant>/seed<k>/ (DIR: --out, default checkpoints/studies/<name>), each with its train.log; a
+study file with a `sweep` first trains its selection runs in DIR/<variant>/sweep/<key>_<value>/seed<k>/, picks each
+variant's value by the file's rule, then trains the reported seeds at that value.
 Running the command again skips finished (and diverged) runs and resumes interrupted ones, then rewrites
 DIR/study.json, DIR/study.md and the figures. Ctrl-C stops every running child cleanly (each saves last.pth).
 
@@ -40,6 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _relative(path: Path, out: Path) -> str:
+    """``bn/seed0`` or ``bn/sweep/lr_0.1/seed100``: a run folder as the study folder names it."""
+    try:
+        return str(path.relative_to(out))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.jobs < 1:
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.signum is not None:
         return 128 + result.signum
     if result.failed:
-        names = ", ".join(f"{r.variant}/seed{r.seed} ({r.status})" for r in result.failed)
+        names = ", ".join(f"{_relative(Path(r.work_dir), out)} ({r.status})" for r in result.failed)
         print(f"error: {len(result.failed)} run(s) did not finish: {names}", file=sys.stderr)
         return 1
     return 0

@@ -2,9 +2,10 @@
 compared with intervals over seeds on the task's metric (study file format: studies/README.md)."""
 
 from seg.study.aggregate import RunResult, load_run, read_metrics, summarize
-from seg.study.config import RunSpec, Study, load_study, plan_runs, study_task
+from seg.study.config import RunSpec, Study, Sweep, load_study, plan_runs, plan_sweep_runs, study_task
 from seg.study.metrics import StudyMetric, metric_for_task
 from seg.study.pipeline import StudyResult, default_out, run_study, write_results
+from seg.study.selection import select
 from seg.study.stats import Estimate, estimate, paired_differences, t_quantile
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "Study",
+    "Sweep",
     "StudyMetric",
     "StudyResult",
     "default_out",
@@ -21,8 +23,10 @@ __all__ = [
     "metric_for_task",
     "paired_differences",
     "plan_runs",
+    "plan_sweep_runs",
     "read_metrics",
     "run_study",
+    "select",
     "study_task",
     "summarize",
     "t_quantile",

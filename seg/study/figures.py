@@ -78,3 +78,45 @@ def write_figures(runs_by_variant: dict[str, list[RunResult]], out: Path, name: 
     """The three figures in ``out``; runs that failed before logging anything simply add nothing."""
     return [plot(runs_by_variant, event, x, y, out / fname, name, metric)
             for fname, (event, x, y) in figure_files(metric).items()]
+
+
+def sweep_figure_name(selection: dict, metric: StudyMetric = SEGMENTATION) -> str:
+    return f"{metric.key}_vs_{selection['key'].rsplit('.', 1)[-1]}.png"
+
+
+def write_sweep_figure(selection: dict, out: Path, name: str, metric: StudyMetric = SEGMENTATION) -> Path:
+    """The selection: final val metric against the swept value, one line per variant (mean over the selection
+    seeds, band min-max, a diverged run at 0), the picked value ringed; a log x axis for positive numbers that
+    span more than a factor 10."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    numeric = True
+    for variant, row in selection["variants"].items():
+        points = [r for r in row["values"] if r["complete"]]
+        if not points:
+            continue
+        numeric = numeric and all(isinstance(r["value"], (int, float)) for r in points)
+        xs = [r["value"] if numeric else str(r["value"]) for r in points]
+        (line,) = ax.plot(xs, [100 * r["mean"] for r in points], marker="o", ms=3, label=variant)
+        ax.fill_between(xs, [100 * r["min"] for r in points], [100 * r["max"] for r in points],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
+        for r in points:
+            if r["value"] == row["picked"]:
+                ax.plot([xs[points.index(r)]], [100 * r["mean"]], marker="o", ms=10, mfc="none",
+                        color=line.get_color())
+    positive = [r["value"] for row in selection["variants"].values() for r in row["values"]
+                if isinstance(r["value"], (int, float)) and r["value"] > 0]
+    if numeric and positive and max(positive) / min(positive) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(selection["key"])
+    ax.set_ylabel(f"final val {metric.label} (%)")
+    seeds = ", ".join(map(str, selection["seeds"]))
+    ax.set_title(f"{name}: selection runs (seeds {seeds}); ring: picked ({selection['rule']})\n"
+                 "line: mean over selection seeds; band: min-max; diverged = 0", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / sweep_figure_name(selection, metric)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

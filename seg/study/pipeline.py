@@ -1,20 +1,22 @@
-"""A whole study, start to end: plan and check every run, run what is left, read the run folders back,
-write study.json, study.md and the figures, all on the metric of the runs' task (mIoU, top-1, ...)."""
+"""A whole study, start to end: plan and check every run, run what is left (a sweep's selection runs first, then
+the reported runs at each variant's pick), read the run folders back, write study.json, study.md and the figures,
+all on the metric of the runs' task (mIoU, top-1, ...)."""
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seg.study.aggregate import RunResult, load_run, summarize
-from seg.study.config import REPO_ROOT, RunSpec, Study, plan_runs, study_task
-from seg.study.figures import write_figures
+from seg.study.config import REPO_ROOT, RunSpec, Study, plan_runs, plan_sweep_runs, study_task
+from seg.study.figures import write_figures, write_sweep_figure
 from seg.study.metrics import metric_for_task
 from seg.study.report import write_report
 from seg.study.runner import Outcome, inspect_run, run_all, threads_per_job
+from seg.study.selection import picks, select
 
 DEFAULT_ROOT = Path("checkpoints") / "studies"
 
@@ -25,11 +27,12 @@ class StudyResult:
     files: list[Path]
     runs: list[RunResult]
     signum: int | None  # the signal that stopped the study, if one did
+    selection_runs: list[RunResult] = field(default_factory=list)  # a sweep's, apart from the reported ``runs``
 
     @property
     def failed(self) -> list[RunResult]:
-        """Runs that ended without a result nor a divergence (diverged runs are results)."""
-        return [r for r in self.runs if r.status not in ("finished", "diverged")]
+        """Runs (selection or reported) that ended without a result nor a divergence (diverged runs are results)."""
+        return [r for r in [*self.selection_runs, *self.runs] if r.status not in ("finished", "diverged")]
 
 
 def _shown(path: Path) -> str:
@@ -50,10 +53,28 @@ def plan(specs: list[RunSpec], log: Callable[[str], None]) -> list[tuple[RunSpec
     for spec in specs:
         state = inspect_run(spec)  # raises before anything starts if a folder holds another experiment
         if state in ("done", "diverged"):
-            log(f"skip {spec.variant}/seed{spec.seed}: {'finished' if state == 'done' else 'diverged earlier'}")
+            log(f"skip {spec.label}: {'finished' if state == 'done' else 'diverged earlier'}")
         else:
             todo.append((spec, state == "resume"))
     return todo
+
+
+def _run(specs: list[RunSpec], device: str, jobs: int, gpus: int, log: Callable[[str], None]
+         ) -> tuple[dict[tuple[str, int], Outcome], int | None]:
+    todo = plan(specs, log)
+    if todo and jobs > 1:
+        log(f"{jobs} runs at a time; each gets OMP_NUM_THREADS={threads_per_job(jobs)} (cores // jobs) unless "
+            "OMP_NUM_THREADS is set" + ("; GPUs round robin" if device == "cuda" and gpus > 1 else ""))
+    return run_all(todo, device, jobs, gpus, log) if todo else ({}, None)
+
+
+def _load(specs: list[RunSpec], outcomes: dict[tuple[str, int], Outcome]) -> list[RunResult]:
+    runs = []
+    for spec in specs:
+        o = outcomes.get(spec.key)
+        runs.append(load_run(spec.variant, spec.seed, spec.work_dir, spec.cfg.train.iterations,
+                             None if o is None else (o.status, o.message)))
+    return runs
 
 
 def run_study(
@@ -66,27 +87,40 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> StudyResult:
     """Run every (variant, seed) not yet finished and write the report; raises ConfigError up front for a bad
-    study, a bad run config or a run folder trained with other settings."""
+    study, a bad run config or a run folder trained with other settings.
+
+    With a sweep, the selection runs come first; each variant whose selection runs all ended gets its pick, and
+    only then are its reported runs planned (a variant still waiting for its selection has none yet)."""
     out = Path(out) if out is not None else default_out(study)
-    specs = plan_runs(study, out, cli_opts)
-    todo = plan(specs, log)
-    if todo and jobs > 1:
-        log(f"{jobs} runs at a time; each gets OMP_NUM_THREADS={threads_per_job(jobs)} (cores // jobs) unless "
-            "OMP_NUM_THREADS is set" + ("; GPUs round robin" if device == "cuda" and gpus > 1 else ""))
-    outcomes, signum = run_all(todo, device, jobs, gpus, log) if todo else ({}, None)
-    return write_results(study, out, specs, outcomes, signum, cli_opts)
+    selection_specs = plan_sweep_runs(study, out, cli_opts)
+    if study.sweep is not None:  # check the reported runs' configs too before anything starts
+        plan_runs(study, out, cli_opts, {v: vals[0] for v, vals in study.sweep.values.items()})
+        specs: list[RunSpec] = []
+    else:
+        specs = plan_runs(study, out, cli_opts)
+    outcomes, signum = _run(selection_specs, device, jobs, gpus, log)
+    if study.sweep is not None and signum is None:
+        task = study_task(study, selection_specs)
+        chosen = picks(select(study, selection_specs, _load(selection_specs, outcomes), metric_for_task(task).key))
+        for variant, value in (chosen or {}).items():
+            log(f"picked {study.sweep.key}={value} for {variant} ({study.sweep.rule})")
+        specs = plan_runs(study, out, cli_opts, chosen)
+        more, signum = _run(specs, device, jobs, gpus, log)
+        outcomes.update(more)
+    elif study.sweep is not None:  # stopped during the selection: report the picks made so far, start nothing
+        specs = []
+    return write_results(study, out, specs, outcomes, signum, cli_opts, selection_specs)
 
 
 def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[tuple[str, int], Outcome],
-                  signum: int | None = None, cli_opts: list[str] | None = None) -> StudyResult:
-    """Read every run folder back and write study.json, study.md and the figures into ``out``."""
-    task = study_task(study, specs)
+                  signum: int | None = None, cli_opts: list[str] | None = None,
+                  selection_specs: list[RunSpec] | None = None) -> StudyResult:
+    """Read every run folder back and write study.json, study.md and the figures into ``out``; with a sweep, its
+    selection (``selection_specs``) too. The reported numbers use ``specs`` only."""
+    selection_specs = selection_specs or []
+    task = study_task(study, [*selection_specs, *specs])
     metric = metric_for_task(task)
-    runs = []
-    for spec in specs:
-        o = outcomes.get(spec.key)
-        runs.append(load_run(spec.variant, spec.seed, spec.work_dir, spec.cfg.train.iterations,
-                             None if o is None else (o.status, o.message)))
+    runs = _load(specs, outcomes)
     command = ["python", "tools/study.py", str(study.source), "--out", str(out)]
     header = {
         "name": study.name,
@@ -97,7 +131,12 @@ def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[
         "out": str(out),
         "command": shlex.join(command + (["--opts", *cli_opts] if cli_opts else [])),
     }
+    selection_runs = _load(selection_specs, outcomes)
+    selection = select(study, selection_specs, selection_runs, metric.key)
     summary = summarize(header, study.baseline, study.variants, runs, metric)
+    summary["sweep"] = selection
     files = list(write_report(summary, out))
     files += write_figures({v: [r for r in runs if r.variant == v] for v in study.variants}, out, study.name, metric)
-    return StudyResult(summary, files, runs, signum)
+    if selection is not None:
+        files.append(write_sweep_figure(selection, out, study.name, metric))
+    return StudyResult(summary, files, runs, signum, selection_runs)

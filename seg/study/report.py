@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seg.study.figures import BAND, figure_files
+from seg.study.figures import BAND, figure_files, sweep_figure_name
 from seg.study.metrics import SEGMENTATION, StudyMetric
 
 
@@ -124,6 +124,51 @@ METHODS = """\
 """
 
 
+def _value_cell(row: dict[str, Any], picked: Any) -> str:
+    if not row["complete"]:
+        return f"{row['value']}: " + "/".join(row["statuses"] or ["not started"])
+    spread = "" if len(row["scores"]) < 2 else f" [{pct(row['min'])}–{pct(row['max'])}]"
+    diverged = sum(s == "diverged" for s in row["statuses"])
+    mark = "**" if row["value"] == picked else ""
+    return f"{mark}{row['value']}: {pct(row['mean'])}{spread}{mark}" + (f" ({diverged} diverged)" if diverged else "")
+
+
+def selection_section(summary: dict[str, Any]) -> list[str]:
+    """How each variant's swept value was picked: the rule, every value's score, the pick, edge warnings."""
+    sel, m = summary.get("sweep"), study_metric(summary)
+    if sel is None:
+        return []
+    opts = " ".join(sel["opts"]) or "none"
+    lines = [
+        f"## Selection of `{sel['key']}` per variant",
+        "",
+        f"Rule `{sel['rule']}` (written in the study file before the runs): {sel['rule_text']}. Selection runs: "
+        f"seeds {sel['seeds']} (the reported runs use seeds {summary['seeds']}, so no reported number comes from a "
+        f"run that took part in the choice), extra overrides for them: `{opts}`. Cells: value: final val "
+        f"{m.label} % (mean over the selection seeds, [min–max] with several); the pick in bold.",
+        "",
+        "| variant | picked | values tried |",
+        "|---|---|---|",
+    ]
+    edges = []
+    for name, row in sel["variants"].items():
+        picked = "–" if row["picked"] is None else f"{row['picked']}"
+        if row["picked"] is None:
+            picked += f" ({row['why_none']})"
+        if row["at_edge"]:
+            edges.append(name)
+        lines.append(f"| {name} | {picked} | {'; '.join(_value_cell(r, row['picked']) for r in row['values'])} |")
+    lines.append("")
+    if edges:
+        lines += [f"At an end of the swept range: {', '.join(edges)}. The best value may lie outside it; widen the "
+                  "range to be sure.", ""]
+    else:
+        lines += ["Every pick lies inside the swept range.", ""]
+    fname = sweep_figure_name(sel, m)
+    lines += [f"![{fname}]({fname})", ""]
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
     threshold, m = summary["convergence_threshold"], study_metric(summary)
     opts = " ".join(summary["opts"]) or "none"
@@ -133,7 +178,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Base config `{summary['base']}`, seeds {summary['seeds']}, baseline `{summary['baseline']}`, "
         f"overrides for every run: `{opts}`. Command: `{summary['command']}`",
         "",
-        f"## Final validation {m.label}",
+        *selection_section(summary),
+        f"## Final validation {m.label}" + (" (reported seeds, each variant at its picked value)"
+                                            if summary.get("sweep") else ""),
         "",
         *table(summary),
         "",

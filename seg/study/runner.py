@@ -182,7 +182,7 @@ def run_all(
                     slot = min(set(range(jobs)) - set(running))
                     running[slot] = _start(spec, device, resume, child_env(slot, jobs, device, gpus))
                     what = "resume" if resume else "start"
-                    log(f"{what} {spec.variant}/seed{spec.seed} (log: {spec.work_dir / LOG})")
+                    log(f"{what} {spec.label} (log: {spec.work_dir / LOG})")
                 for slot, child in list(running.items()):
                     code = child.proc.poll()
                     if code is not None:
@@ -198,7 +198,7 @@ def _finish(child: _Child, code: int, stopping: bool, log: Callable[[str], None]
     outcome = _outcome(child, code, stopping)
     child.log.close()
     first_line = outcome.message.splitlines()[0] if outcome.message else ""
-    log(f"{outcome.status} {child.spec.variant}/seed{child.spec.seed}" + (f": {first_line}" if first_line else ""))
+    log(f"{outcome.status} {child.spec.label}" + (f": {first_line}" if first_line else ""))
     return outcome
 
 
