@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.nn.isqrt import METHODS, isqrt
-from seg.nn.moments import PatchSampler, sampled_moments
+from seg.nn.moments import PatchSampler, sampled_covariance, sampled_moments
 from seg.nn.sync import all_reduce_sum, sync_active
 
 
@@ -153,47 +153,55 @@ class _InterleavedFold(torch.autograd.Function):
         return rows.view(out, per_row, nf).transpose(1, 2).reshape(shape).contiguous()
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, deconv: torch.Tensor, mean: torch.Tensor,
-                per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        nf = deconv.shape[0]
+    def forward(ctx: Any, weight: torch.Tensor, deconv: torch.Tensor, mean: torch.Tensor, per_row: int,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W·D, shift)`` with ``shift = Σ W·D·μ``; given a ``bias``, ``(W·D, bias − shift)`` (the folded bias in
+        the same launch)."""
+        nf, out = deconv.shape[0], weight.shape[0]
         rows = _InterleavedFold._interleave(weight, nf, per_row) @ deconv
-        shift = (rows @ mean).view(weight.shape[0], per_row).sum(1)
+        # Σ_r R[o, r]·μ: the rows of each output channel summed first, one matrix-vector product.
+        summed = rows if per_row == 1 else rows.view(out, per_row, nf).sum(1)
+        second = torch.mv(summed, mean) if bias is None else torch.addmv(bias, summed, mean, alpha=-1)
         ctx.save_for_backward(weight, deconv, mean)
-        ctx.per_row = per_row
-        return _InterleavedFold._deinterleave(rows, weight.shape, nf, per_row), shift
+        ctx.per_row, ctx.sign = per_row, 1.0 if bias is None else -1.0
+        return _InterleavedFold._deinterleave(rows, weight.shape, nf, per_row), second
 
     @staticmethod
     def backward(ctx: Any, grad_folded: torch.Tensor | None,
-                 grad_shift: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+                 grad_second: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         weight, deconv, mean = ctx.saved_tensors
         per_row, nf = ctx.per_row, deconv.shape[0]
         out = weight.shape[0]
         # The gradient with respect to the folded rows R = W_rows·D: from the conv weight, plus the rank-one
-        # term of shift_o = Σ_r R[o, r]·μ.
-        own = True  # whether grad_rows is a tensor of ours, safe to update in place
+        # term of the shift Σ_r R[o, r]·μ (negative in the folded bias).
         if grad_folded is None:
             grad_rows = torch.zeros(out * per_row, nf, dtype=deconv.dtype, device=deconv.device)
         elif per_row == 1:
-            grad_rows, own = grad_folded.reshape(out, nf), False
+            grad_rows = grad_folded.reshape(out, nf)
         else:
             # An explicit copy: reshape could return a view for odd strides (an expanded gradient).
             grad_rows = torch.empty(out * per_row, nf, dtype=grad_folded.dtype, device=grad_folded.device)
             grad_rows.view(out, per_row, nf).copy_(grad_folded.reshape(out, nf, per_row).transpose(1, 2))
-        shift_rows = None
-        if grad_shift is not None:
-            shift_rows = grad_shift.repeat_interleave(per_row)
-            grad_rows = grad_rows.addr_(shift_rows, mean) if own else grad_rows.addr(shift_rows, mean)
+        sign = ctx.sign
+        if grad_second is not None:
+            if per_row == 1:
+                grad_rows = torch.addr(grad_rows, grad_second, mean, alpha=sign)
+            else:
+                grad_rows.view(out, per_row, nf).addcmul_(grad_second.view(out, 1, 1), mean, value=sign)
         grad_weight = grad_deconv = grad_mean = None
         if ctx.needs_input_grad[0]:
             grad_weight = _InterleavedFold._deinterleave(grad_rows @ deconv.t(), weight.shape, nf, per_row)
-        if ctx.needs_input_grad[1] or (ctx.needs_input_grad[2] and shift_rows is not None):
-            w_rows = _InterleavedFold._interleave(weight, nf, per_row)
-            if ctx.needs_input_grad[1]:
-                grad_deconv = w_rows.t() @ grad_rows
-            if ctx.needs_input_grad[2] and shift_rows is not None:
-                # ∂shift/∂μ = Σ_o g_o Σ_r R[o, r] = (gᵀ·W_rows)·D: two vector products, not another W·D.
-                grad_mean = (shift_rows @ w_rows) @ deconv
-        return grad_weight, grad_deconv, grad_mean, None
+        if ctx.needs_input_grad[1]:
+            grad_deconv = _InterleavedFold._interleave(weight, nf, per_row).t() @ grad_rows
+        if ctx.needs_input_grad[2] and grad_second is not None:
+            # ∂shift/∂μ = Σ_o g_o Σ_r R[o, r] = (gᵀ·Σ_r W_rows)·D: two vector products, not another W·D.
+            w_sum = weight.reshape(out, nf) if per_row == 1 else weight.reshape(out, nf, per_row).sum(2)
+            grad_mean = torch.mv(deconv.t(), torch.mv(w_sum.t(), grad_second))
+            if sign < 0:
+                grad_mean = grad_mean.neg_()
+        if len(ctx.needs_input_grad) == 4:  # called without a bias
+            return grad_weight, grad_deconv, grad_mean, None
+        return grad_weight, grad_deconv, grad_mean, None, grad_second if ctx.needs_input_grad[4] else None
 
 
 class FastDeconv(nn.Conv2d):
@@ -290,8 +298,11 @@ class FastDeconv(nn.Conv2d):
         self.register_buffer("running_mean", torch.zeros(n_mats * self.num_features))
         eye = torch.eye(self.num_features)
         self.register_buffer("running_deconv", eye.repeat(groups, 1, 1) if groups > 1 else eye)
-        # A buffer (not a Python int) so that it survives state_dict round trips and resume.
+        # A buffer (not a Python int) so that it survives state_dict round trips and resume. Training steps
+        # read the host-side copy (``_counter``, kept equal to the buffer, and reloaded with the state dict):
+        # deciding on the host from a device value would stall the GPU queue every step.
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
+        self._counter = 0
         self.stats_every = int(stats_every)
         self.matrix_grad = bool(matrix_grad)
         if self.stats_every > 1:
@@ -301,6 +312,7 @@ class FastDeconv(nn.Conv2d):
             self.register_buffer("stats_step", torch.zeros((), dtype=torch.long))
             self.register_buffer("last_deconv", self.running_deconv.clone())
             self.register_buffer("last_scale", torch.ones(n_mats))
+        self._stats_step = 0  # host-side copy of ``stats_step`` (as ``_counter``)
         self._fold_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
@@ -339,22 +351,34 @@ class FastDeconv(nn.Conv2d):
         """Mean ``(G, nf)`` and either the covariance ``(G, nf, nf)`` (``full``) or its mean diagonal ``(G,)``,
         both with ``eps`` added, over all processes when ``sync`` is on."""
         sync = self.sync and sync_active()
+        # Synced sums are taken about the running mean (the same on every process, close to the batch's).
+        shift = self.running_mean.to(x.dtype) if sync else None
         # matrix_grad=False: the matrix (and its rescaling) is a constant: nothing recorded for the
         # covariance, the inverse square root or the fold's ∂D; the mean keeps its gradient.
-        mean, second, count = sampled_moments(x, self._sampler(), full, sync, self.matrix_grad)
-        if not full:
-            # The mean variance only: O(M·nf) instead of the covariance's O(M·nf²).
-            return mean, second / (count * self.num_features) + self.eps
-        cov = second / count
-        cov.diagonal(dim1=-2, dim2=-1).add_(self.eps)
-        return mean, cov
+        if full:
+            return sampled_covariance(x, self._sampler(), self.eps, sync, self.matrix_grad, shift)
+        mean, second, count = sampled_moments(x, self._sampler(), full, sync, self.matrix_grad, shift)
+        # The mean variance only: O(M·nf) instead of the covariance's O(M·nf²).
+        return mean, second / (count * self.num_features) + self.eps
 
     def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
+        """``running ← (1 − m)·running + m·batch`` for both statistics (one fused launch where dtypes agree)."""
+        g = mean.shape[0]
+        running = [self.running_mean.view(g, self.num_features),
+                   self.running_deconv.view(g, self.num_features, self.num_features)]
         with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach().reshape(-1).to(self.running_mean.dtype), alpha=m)
-            d = deconv.detach().reshape(self.running_deconv.shape).to(self.running_deconv.dtype)
-            self.running_deconv.mul_(1 - m).add_(d, alpha=m)
+            if mean.dtype == deconv.dtype == running[0].dtype == running[1].dtype:
+                torch._foreach_lerp_(running, [mean, deconv], self.momentum)
+                return
+            for buf, value in zip(running, (mean, deconv)):
+                buf.lerp_(value.to(buf.dtype), self.momentum)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The host-side copies of the step counters follow the loaded buffers (read once, here).
+        self._counter = int(self.counter)
+        if self.stats_every > 1:
+            self._stats_step = int(self.stats_step)
 
     def _running(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.groups if self.groups > 1 else 1
@@ -365,9 +389,10 @@ class FastDeconv(nn.Conv2d):
         """Whether this training step computes the full statistics (always, unless ``stats_every > 1``)."""
         if self.stats_every == 1:
             return True
-        step = int(self.stats_step)
+        step = self._stats_step
+        self._stats_step = (step + 1) % self.stats_every
         with torch.no_grad():
-            self.stats_step.add_(1).remainder_(self.stats_every)
+            self.stats_step.fill_(self._stats_step)
         return step == 0
 
     # -- folding ------------------------------------------------------------------------------
@@ -379,6 +404,10 @@ class FastDeconv(nn.Conv2d):
         dtype = deconv.dtype
         w = self.weight.to(dtype)
         out_c, nf = self.out_channels, self.num_features
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if self.groups == 1 and scale is None and bias is not None:
+            # The default: weight and bias folded in one Function.
+            return _InterleavedFold.apply(w, deconv[0], mean[0], self.in_channels // self.block, bias)
         if self.groups == 1:
             wf, shift = _InterleavedFold.apply(w, deconv[0], mean[0], self.in_channels // self.block)
         else:
@@ -444,9 +473,12 @@ class FastDeconv(nn.Conv2d):
                 w, b = self.folded()
             return self._conv(x, w, b)
 
-        frozen = self.freeze and int(self.counter) > self.freeze_iter
+        # The reference's schedule, counted on the host (no device read): refresh while the count before
+        # the step is <= freeze_iter, wrap at 10·freeze_iter.
+        frozen = self.freeze and self._counter > self.freeze_iter
+        self._counter = (self._counter + 1) % (10 * self.freeze_iter)
         with torch.no_grad():
-            self.counter.add_(1).remainder_(10 * self.freeze_iter)
+            self.counter.fill_(self._counter)
         with torch.autocast(x.device.type, enabled=False):
             scale: torch.Tensor | None = None
             if frozen:

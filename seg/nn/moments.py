@@ -1,14 +1,17 @@
 """Sampled patch statistics of a convolution's input: the mean and the centred second moment.
 
 ``FastDeconv`` whitens im2col patches sampled every ``sampling_stride × stride`` pixels. ``PatchSampler``
-lays those samples out as ``(B, G, nf, K)``, one column per sample, so that every ``nf``-long column is
-contiguous in memory the way ``F.unfold`` writes it: no transposed copy of the samples is ever made, and
-the second moment is a batch of ``nf × K`` by ``K × nf`` products. ``sampled_moments`` computes mean and
-second moment with a hand-written backward pass: the gradient of ``Σ cᵢcᵢᵀ`` is ``(G + Gᵀ)·c`` (one product
-instead of autograd's two), the centring's term vanishes (the centred samples sum to zero over the global
-batch) and the gradient reaches the input by one strided copy per kernel offset where patches do not
-overlap (``F.fold`` where they do). Same values and gradients as autograd through unfold, mean and outer
-products, up to rounding.
+lays those samples out as ``(G, nf, M)``: one contiguous row per feature, every sample of every image in
+it (rows in ``F.unfold``'s channel-major order, then images, then positions). The samples of all images and
+all kernel offsets are one strided view of the (padded) input, copied once; the second moment is then one
+``nf × M`` by ``M × nf`` product per matrix. ``sampled_moments`` computes mean and second moment with a
+hand-written backward pass: the gradient of ``Σ cᵢcᵢᵀ`` is ``(G + Gᵀ)·c`` (one product instead of autograd's
+two), the centring's term vanishes (the centred samples sum to zero over the global batch) and the gradient
+reaches the input by one strided copy where patches do not overlap (``F.fold`` where they do). Same values and
+gradients as autograd through unfold, mean and outer products, up to rounding.
+
+Nothing here reads a device value on the host: counts are Python numbers or device tensors, and synced
+statistics (count, sum and second moment) travel in one all-reduce per call, forward and backward.
 """
 
 from __future__ import annotations
@@ -20,6 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from seg.nn.sync import summed_over_processes
+
+# Index tensors of the 1×1 samples where images start at different offsets, per (N, H·W, step, device).
+_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# eps·I per (size, eps, dtype, device): built once, not in every training step.
+_EYE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def scaled_eye(n: int, eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``eps·I (n, n)``, cached (read-only: callers never modify it)."""
+    key = (n, eps, dtype, device)
+    eye = _EYE_CACHE.get(key)
+    if eye is None:
+        if len(_EYE_CACHE) > 64:
+            _EYE_CACHE.clear()
+        eye = _EYE_CACHE[key] = torch.eye(n, dtype=dtype, device=device) * eps
+    return eye
 
 
 @dataclass(frozen=True)
@@ -42,208 +61,225 @@ class PatchSampler:
     def num_features(self) -> int:
         return self.kernel[0] * self.kernel[1] * self.block
 
-    def _layout(self, channels: int) -> tuple[int, int]:
-        """(matrices G, feature vectors per column and matrix)."""
-        if self.groups > 1:
-            return self.groups, 1
-        return 1, channels // self.block
+    def _matrices(self, channels: int) -> int:
+        return self.groups if self.groups > 1 else 1
 
     def _grid(self, h: int, w: int) -> tuple[int, int]:
         """Sampled patch positions (rows, columns) on an ``h × w`` input."""
         (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self.kernel, self.dilation, self.padding, self.stride
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-    def _offsets(self, h: int, w: int) -> list[tuple[int, int, slice, slice, slice, slice]]:
-        """For each kernel offset ``(a, b)``: the sample rows and columns that read inside the input (the rest
-        read padding) and the input rows and columns they read, as slices."""
-        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = self.kernel, self.dilation, self.padding, self.stride
-        ho, wo = self._grid(h, w)
-
-        def span(offset: int, size: int, grid: int, step: int) -> tuple[slice, slice]:
-            # sample i reads input index i·step + offset; keep 0 <= index < size
-            first = max(0, -(offset // step)) if offset < 0 else 0
-            last = min(grid, (size - 1 - offset) // step + 1) if size - 1 - offset >= 0 else 0
-            last = max(first, last)
-            start = first * step + offset
-            return slice(first, last), slice(start, start + (last - first - 1) * step + 1 if last > first else start,
-                                             step)
-
-        out = []
-        for a in range(kh):
-            rows, src_rows = span(a * dh - ph, h, ho, sh)
-            for b in range(kw):
-                cols, src_cols = span(b * dw - pw, w, wo, sw)
-                out.append((a, b, rows, cols, src_rows, src_cols))
-        return out
+        return (max(0, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1),
+                max(0, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
 
     def _disjoint(self) -> bool:
         """Whether no input pixel is read by two sampled patches (each receives at most one gradient value)."""
         (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
         return dh * (kh - 1) < sh and dw * (kw - 1) < sw
 
+    def _patches(self, padded: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The sampled patches of a padded ``(N, C, H + 2ph, W + 2pw)`` tensor as one strided view
+        ``(C, kh, kw, N, Ho, Wo)``: feature rows in unfold's order, then images, then positions."""
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        n, c = padded.shape[:2]
+        s0, s1, s2, s3 = padded.stride()
+        return padded.as_strided((c, kh, kw, n, *self._grid(h, w)), (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3),
+                                 padded.storage_offset())
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(B, G, nf, K)`` tensor (ours to modify).
-
-        For k×k kernels this is ``F.unfold``'s layout (``(N, C·kh·kw, L)``, channel-major); where patches do not
-        overlap it is written by one strided copy per kernel offset (about twice as fast as ``im2col`` on CPU).
-        """
-        n, c, h, w = x.shape
-        g, per_row = self._layout(c)
-        nf = self.num_features
+        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(G, nf, M)`` tensor (ours to modify)."""
+        g = self._matrices(x.shape[1])
         if self.kernel == (1, 1):
-            return self._gather_pixels(x, g, per_row)
-        if not self._disjoint():
-            cols = F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)  # (N, C·k², L)
-            return cols.view(n, g, nf, per_row * cols.shape[-1])
-        ho, wo = self._grid(h, w)
-        out = x.new_empty(n, c, *self.kernel, ho, wo)
-        for a, b, rows, cols, src_rows, src_cols in self._offsets(h, w):
-            dst = out[:, :, a, b]
-            dst[:, :, rows, cols].copy_(x[:, :, src_rows, src_cols])
-            # Samples that read the padding: zeros.
-            dst[:, :, :rows.start].zero_()
-            dst[:, :, rows.stop:].zero_()
-            dst[:, :, :, :cols.start].zero_()
-            dst[:, :, :, cols.stop:].zero_()
-        return out.view(n, g, nf, per_row * ho * wo)
+            samples = self._pixels(x)
+        else:
+            ph, pw = self.padding
+            padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+            samples = self._patches(padded, *x.shape[-2:]).clone(memory_format=torch.contiguous_format)
+        return samples.view(g, self.num_features, -1)
 
-    def _gather_pixels(self, x: torch.Tensor, g: int, per_row: int) -> torch.Tensor:
-        """1×1, as the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
-        different offset in each image when H·W is not a multiple of the step. Only the samples are copied."""
-        n, c, h, w = x.shape
-        if n == 0:
-            return x.new_zeros(1, g, self.num_features, 0)
+    def _pixel_layout(self, shape: torch.Size) -> tuple[int, int] | None:
+        """1×1: (step, samples per image) when every image starts at offset 0 (one strided view), else None."""
+        n, _, h, w = shape
         step = self.stride[0] * self.stride[1]
-        flat = x.reshape(n, c, h * w)
-        pieces = [flat[i, :, self._offset(i, h * w, step)::step].view(g, self.num_features, per_row, -1)
-                  for i in range(n)]
-        return torch.cat(pieces, dim=-1).view(1, g, self.num_features, -1)
+        if n > 1 and (h * w) % step:
+            return None
+        return step, -(-h * w // step)
 
-    @staticmethod
-    def _offset(image: int, pixels: int, step: int) -> int:
-        return (-image * pixels) % step
+    def _pixel_index(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """1×1 with per-image offsets: (image, pixel) of every sample of the flattened ``(N, H·W)`` order."""
+        n, _, h, w = shape
+        step = self.stride[0] * self.stride[1]
+        key = (n, h * w, step, device)
+        index = _INDEX_CACHE.get(key)
+        if index is None:
+            if len(_INDEX_CACHE) > 64:
+                _INDEX_CACHE.clear()
+            flat = torch.arange(0, n * h * w, step, device=device)
+            index = _INDEX_CACHE[key] = (flat // (h * w), flat % (h * w))
+        return index
 
-    def _scatter_patches(self, out: torch.Tensor, cols: torch.Tensor) -> None:
-        """Write ``cols (n, C, kh, kw, Ho, Wo)`` into ``out (n, C, H, W)`` (zeros) where :meth:`gather` read them;
-        for patches that do not overlap."""
-        for a, b, rows, cs, src_rows, src_cols in self._offsets(*out.shape[-2:]):
-            # Patches do not overlap: every pixel is written at most once.
-            out[:, :, src_rows, src_cols].copy_(cols[:, :, a, b, rows, cs])
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """1×1, as the reference: every (sh·sw)-th pixel of the flattened (N, H, W) order, which starts at a
+        different offset in each image when H·W is not a multiple of the step. ``(C, samples)``, a copy."""
+        n, c, h, w = x.shape
+        layout = self._pixel_layout(x.shape)
+        if layout is None:
+            image, pixel = self._pixel_index(x.shape, x.device)
+            return x.reshape(n, c, h * w).transpose(0, 1)[:, image, pixel]
+        step, per_image = layout
+        if x.stride(2) != w * x.stride(3):
+            x = x.contiguous()
+        s0, s1, _, s3 = x.stride()
+        view = x.as_strided((c, n, per_image), (s1, s0, step * s3), x.storage_offset())
+        return view.clone(memory_format=torch.contiguous_format)
 
     def scatter(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The adjoint of :meth:`gather`: ``grad (B, G, nf, K)`` summed back into an input-shaped tensor."""
+        """The adjoint of :meth:`gather`: ``grad (G, nf, M)`` summed back into an input-shaped tensor."""
         n, c, h, w = shape
-        if self.kernel != (1, 1) and not self._disjoint():
-            return F.fold(grad.reshape(n, c * self.kernel[0] * self.kernel[1], -1), (h, w), self.kernel,
-                          self.dilation, self.padding, self.stride)
-        if self.kernel != (1, 1):
+        if self.kernel == (1, 1):
             out = grad.new_zeros(shape)
-            self._scatter_patches(out, grad.reshape(n, c, *self.kernel, *self._grid(h, w)))
+            layout = self._pixel_layout(shape)
+            if layout is None:
+                image, pixel = self._pixel_index(shape, grad.device)
+                out.view(n, c, h * w).transpose(0, 1)[:, image, pixel] = grad.reshape(c, -1)
+                return out
+            step, per_image = layout
+            out.as_strided((c, n, per_image), (h * w, c * h * w, step)).copy_(grad.reshape(c, n, per_image))
             return out
-        g, per_row = self._layout(c)
-        cols = grad.reshape(g, self.num_features, per_row, -1)  # gather's concatenation, image after image
-        out = grad.new_zeros(n, c, h * w)
-        step = self.stride[0] * self.stride[1]
-        start = 0
-        for i in range(n):
-            dst = out[i, :, self._offset(i, h * w, step)::step]
-            dst.copy_(cols[..., start:start + dst.shape[-1]].reshape(c, -1))
-            start += dst.shape[-1]
-        return out.view(shape)
-
-    def scatter_product(self, left: torch.Tensor, c: torch.Tensor, shift: torch.Tensor,
-                        shape: torch.Size) -> torch.Tensor:
-        """``scatter(left @ c + shift)`` for ``left (G, nf, nf)``, ``shift (G, nf, 1)``; where patches do not
-        overlap one image at a time, so that no sample-sized product is allocated beside ``c``."""
-        if self.kernel == (1, 1) or not self._disjoint():
-            return self.scatter(torch.add(left @ c, shift), shape)
-        n, ch, h, w = shape
-        grid = self._grid(h, w)
-        out = c.new_zeros(shape)
-        for i in range(n):
-            part = torch.baddbmm(shift, left, c[i])  # (G, nf, per_row·L) = (C·kh·kw, L) of image i
-            self._scatter_patches(out[i:i + 1], part.view(1, ch, *self.kernel, *grid))
-        return out
-
-
-def _gram(c: torch.Tensor) -> torch.Tensor:
-    """``Σ_b c_b·c_bᵀ`` ``(G, nf, nf)`` of ``c (B, G, nf, K)``.
-
-    For large ``nf`` in two row halves: the lower-left block is the transpose of the upper-right one, so
-    three of the four block products are computed (a quarter fewer multiplications).
-    """
-    nf = c.shape[-2]
-    if nf < 128:
-        return (c @ c.mT).sum(0)
-    h = nf // 2
-    top, bottom = c[..., :h, :], c[..., h:, :]
-    out = c.new_empty(c.shape[1], nf, nf)
-    out[:, :h, :h] = (top @ top.mT).sum(0)
-    upper = (top @ bottom.mT).sum(0)
-    out[:, :h, h:] = upper
-    out[:, h:, :h] = upper.mT
-    out[:, h:, h:] = (bottom @ bottom.mT).sum(0)
-    return out
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        ho, wo = self._grid(h, w)
+        if not self._disjoint():
+            cols = grad.reshape(c * kh * kw, n, ho * wo).transpose(0, 1)
+            return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+        # Patches do not overlap: every (padded) pixel is written at most once, by one strided copy.
+        padded = grad.new_zeros(n, c, h + 2 * ph, w + 2 * pw)
+        self._patches(padded, h, w).copy_(grad.reshape(c, kh, kw, n, ho, wo))
+        if not (ph or pw):
+            return padded
+        return padded.as_strided(shape, padded.stride(), ph * padded.stride(2) + pw)
 
 
 class _SampledMoments(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool,
-                second_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool, second_grad: bool,
+                eps: float | None, shift: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         c = sampler.gather(x)
-        count = torch.tensor(float(c.shape[0] * c.shape[-1]), dtype=c.dtype, device=c.device)
-        total = c.sum((0, 3))
+        g, nf, m = c.shape
+        delta = None
         if sync:
-            count, total = summed_over_processes(count), summed_over_processes(total)
-        elif c.shape[0] * c.shape[-1] == 0:
-            raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
-        mean = total / count
-        c.sub_(mean.unsqueeze(-1))  # centred in place: the gathered samples are a copy of our own
-        if full:
-            second = _gram(c)
+            mean, second, count, delta = _synced_moments(c, full, shift)
         else:
-            second = c.pow(2).sum((0, 2, 3))  # the trace only (G,): the rescaled steps' mean variance
-        if sync:
-            second = summed_over_processes(second)
+            if m == 0:
+                raise ValueError("FastDeconv received an empty batch: no samples to compute statistics from")
+            mean = c.mean(-1, keepdim=True)
+            c.sub_(mean)  # centred in place: the gathered samples are a copy of our own
+            count = float(m)
+            if full:
+                second = torch.bmm(c, c.mT) if eps is None else torch.baddbmm(
+                    scaled_eye(nf, eps, c.dtype, c.device), c, c.mT, alpha=1.0 / m)
+            else:
+                second = c.pow(2).sum((1, 2))
+        if sync and eps is not None:
+            # The covariance from the global sums: eps·I + second/N.
+            second = torch.add(scaled_eye(nf, eps, c.dtype, c.device), second / count)
         keep = second_grad and ctx.needs_input_grad[0]
-        ctx.save_for_backward(c if keep else None, count)
-        ctx.sampler, ctx.full, ctx.sync, ctx.second_grad = sampler, full, sync, keep
+        ctx.save_for_backward(c if keep else None, delta if keep else None,
+                              count if isinstance(count, torch.Tensor) else None)
+        ctx.count = count if not isinstance(count, torch.Tensor) else None
+        ctx.sampler, ctx.full, ctx.sync, ctx.second_grad, ctx.cov = sampler, full, sync, keep, eps is not None
         ctx.shape, ctx.samples_shape = x.shape, c.shape
-        ctx.mark_non_differentiable(count)
-        if not second_grad:
-            ctx.mark_non_differentiable(second)
-        return mean, second, count
+        constant = [] if second_grad else [second]
+        if eps is not None:
+            ctx.mark_non_differentiable(*constant)
+            return mean.view(g, nf), second
+        count_out = count if isinstance(count, torch.Tensor) else c.new_full((), count)
+        ctx.mark_non_differentiable(count_out, *constant)
+        return mean.view(g, nf), second, count_out
 
     @staticmethod
     def backward(ctx: Any, grad_mean: torch.Tensor, grad_second: torch.Tensor,
-                 _grad_count: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+                 *_grad_count: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        c, count = ctx.saved_tensors
+            return (None,) * 7
+        c, delta, count_t = ctx.saved_tensors
+        count = ctx.count if count_t is None else count_t
         if ctx.sync:
             # Every process's loss depends on the reduced values: the local samples receive the sum of all
-            # processes' gradients (as an all-reduce's backward pass).
-            grad_mean = summed_over_processes(grad_mean)
-            grad_second = summed_over_processes(grad_second) if ctx.second_grad else grad_second
+            # processes' gradients (as an all-reduce's backward pass), both gradients in one all-reduce.
+            if ctx.second_grad:
+                flat = summed_over_processes(torch.cat([grad_mean.reshape(-1), grad_second.reshape(-1)]))
+                grad_mean = flat[:grad_mean.numel()].view(grad_mean.shape)
+                grad_second = flat[grad_mean.numel():].view(grad_second.shape)
+            else:
+                grad_mean = summed_over_processes(grad_mean)
         # ∂/∂μ of the second moment is −(G + Gᵀ)·Σc, zero since the centred samples sum to zero: only the
         # mean's own gradient reaches the samples through μ, equally to each.
         per_sample = (grad_mean / count).unsqueeze(-1)
         if not ctx.second_grad:
-            grad_x = ctx.sampler.scatter(per_sample.expand(ctx.samples_shape), ctx.shape)
+            grad_c = per_sample.expand(ctx.samples_shape)
         elif ctx.full:
-            grad_x = ctx.sampler.scatter_product(grad_second + grad_second.mT, c, per_sample, ctx.shape)
+            # Of the covariance second/N (+ eps·I): the product's gradient scaled by 1/N.
+            alpha = 1.0 / count if ctx.cov else 1.0
+            left = grad_second + grad_second.mT
+            if delta is not None:
+                # Synced: the local samples were centred about their own mean; x − μ = c + δ.
+                per_sample = per_sample + (left @ delta) * alpha
+            if isinstance(alpha, torch.Tensor):
+                grad_c = torch.baddbmm(per_sample, left * alpha, c)
+            else:
+                grad_c = torch.baddbmm(per_sample, left, c, alpha=alpha)
         else:
-            grad_x = ctx.sampler.scatter(c * (2.0 * grad_second).view(1, -1, 1, 1) + per_sample, ctx.shape)
-        return grad_x, None, None, None, None
+            centred = c if delta is None else c + delta
+            grad_c = torch.addcmul(per_sample, centred, (2.0 * grad_second).view(-1, 1, 1))
+        return ctx.sampler.scatter(grad_c, ctx.shape), None, None, None, None, None, None
+
+
+def _synced_moments(c: torch.Tensor, full: bool, shift: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(G, nf, 1)``, second moment about it, count (0-d) over all processes, in one all-reduce; and the
+    offset ``δ`` of the local mean from the global one. ``c`` is centred about its local mean in place.
+
+    Each process sends its count ``n``, ``n·d`` and ``Σ (x − K)(x − K)ᵀ = Mᵣ + n·d·dᵀ``, where ``d`` is its mean
+    less the shared reference ``K`` (``shift``, the same on every process, e.g. the running mean: close to the
+    batch mean, so that ``Σ − N·D·Dᵀ`` loses little to cancellation) and ``Mᵣ`` its second moment about its own
+    mean. The global second moment is ``Σ − N·D·Dᵀ`` with ``D = Σ n·d / N``: exact for unequal batches.
+    """
+    g, nf, m = c.shape
+    local_mean = c.sum(-1, keepdim=True) / max(m, 1)
+    c.sub_(local_mean)
+    d = local_mean if shift is None else local_mean - shift.view(g, nf, 1)
+    if full:
+        local = torch.baddbmm(torch.bmm(c, c.mT), d, d.mT, alpha=float(m))
+    else:
+        local = c.pow(2).sum((1, 2)) + float(m) * d.pow(2).sum((1, 2))
+    flat = summed_over_processes(torch.cat([c.new_full((1,), float(m)), (d * m).reshape(-1), local.reshape(-1)]))
+    count = flat[0]
+    big_d = flat[1:1 + g * nf].view(g, nf, 1) / count
+    total = flat[1 + g * nf:].view(local.shape)
+    mean = big_d if shift is None else big_d + shift.view(g, nf, 1)
+    if full:
+        second = total - (big_d @ big_d.mT) * count
+    else:
+        second = total - big_d.pow(2).sum((1, 2)) * count
+    return mean, second, count, local_mean - mean
 
 
 def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool = False,
-                    second_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    second_grad: bool = True, shift: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean ``(G, nf)``, centred second moment and sample count of the sampled patches of ``x``.
 
     The second moment is ``Σ (s − μ)(s − μ)ᵀ`` ``(G, nf, nf)`` when ``full``, else its trace per matrix
     ``(G,)``. ``sync``: count, sums and moments over all processes of the default group (mean about the
-    global mean). ``second_grad=False``: the second moment is a constant for autograd (the mean keeps its
-    gradient). The count is a tensor in the samples' dtype, without gradient.
+    global mean), in one all-reduce; ``shift`` (``(G, nf)``, the same on every process, e.g. the running mean)
+    is the reference point the local sums are taken about (only rounding depends on it). ``second_grad=False``:
+    the second moment is a constant for autograd (the mean keeps its gradient). The count is a 0-d tensor in
+    the samples' dtype, without gradient.
     """
-    return _SampledMoments.apply(x, sampler, full, sync, second_grad)
+    return _SampledMoments.apply(x, sampler, full, sync, second_grad, None, shift)
+
+
+def sampled_covariance(x: torch.Tensor, sampler: PatchSampler, eps: float, sync: bool = False,
+                       second_grad: bool = True, shift: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(G, nf)`` and covariance ``Σ (s − μ)(s − μ)ᵀ / N + eps·I`` ``(G, nf, nf)`` of the sampled patches,
+    as :func:`sampled_moments` (the division and ``eps`` inside the same product)."""
+    return _SampledMoments.apply(x, sampler, True, sync, second_grad, eps, shift)
