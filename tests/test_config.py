@@ -20,13 +20,40 @@ def test_every_config_loads(path: Path) -> None:
     assert from_dict(to_dict(cfg)) == cfg
 
 
-def test_paper_recipe() -> None:
+def test_benchmark_recipe() -> None:
     cfg = load_config(CONFIGS / "deeplab_deconv.yaml")
     m, t = cfg.model, cfg.train
     assert (m.arch, m.encoder, m.output_stride, m.norm, m.pretrained) == ("deeplabv3", "resnet50", 8, "deconv", None)
+    assert m.deconv.keep_bn == ["*.downsample.1"] and m.num_classes == 19  # the paper's ND model, 19 classes
     assert (t.lr, t.momentum, t.weight_decay, t.poly_power, t.batch_size) == (0.1, 0.9, 1e-4, 0.9, 8)
     assert t.iterations == 30 * math.ceil(2975 / 8)
     assert (t.ignore_index, cfg.data.root) == (255, "datasets/cityscapes")
+    assert (cfg.data.label_mapping, cfg.data.val_short_side, cfg.eval.reference_compat) == ("trainid", None, False)
+
+
+@pytest.mark.parametrize(("name", "arch", "norm"), [("deeplabv3_resnet50_bn", "deeplabv3", "bn"),
+                                                    ("deeplabv3_resnet50_deconv", "deeplabv3", "deconv"),
+                                                    ("fcn_resnet50_bn", "fcn", "bn"),
+                                                    ("fcn_resnet50_deconv", "fcn", "deconv")])
+def test_paper_configs_are_the_reference_runs(name: str, arch: str, norm: str) -> None:
+    cfg = load_config(CONFIGS / "paper" / f"{name}.yaml")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    assert (m.arch, m.norm, m.encoder, m.output_stride, m.num_classes, m.aux_loss) == (arch, norm, "resnet50", 8, 21,
+                                                                                        False)
+    assert m.deconv.keep_bn == ["*.downsample.1"] and m.pretrained is None
+    assert (d.short_side_range, d.scale_range, d.crop_size, d.pad_position) == ([260, 1040], [1.0, 1.0], [480, 480],
+                                                                                  "top_left")
+    assert (d.brightness, d.contrast, d.saturation, d.hue, d.hflip_prob) == (0, 0, 0, 0, 0.5)
+    assert (d.val_short_side, d.label_mapping, cfg.eval.reference_compat) == (520, "reference", True)
+    assert t.iterations == 30 * (2975 // 8) == 11130 and t.val_interval == 2975 // 8
+    assert (t.amp, t.lr, t.momentum, t.weight_decay, t.poly_power, t.batch_size, t.warmup_iters) == (
+        "none", 0.1, 0.9, 1e-4, 0.9, 8, 0)
+    assert cfg.work_dir == f"checkpoints/paper/{name}"
+
+
+def test_reference_labels_need_21_outputs() -> None:
+    with pytest.raises(ConfigError, match=r"model.num_classes.*label_mapping.*21"):
+        load_config(CONFIGS / "paper" / "fcn_resnet50_bn.yaml", ["model.num_classes=19"])
 
 
 def test_base_inheritance_changes_only_what_it_names() -> None:

@@ -136,3 +136,16 @@ def test_prepare_regenerates_train_ids_from_polygons_and_skips_done_files(copy_r
     assert not list((copy_root / "gtFine").rglob("*.tmp.png"))
     with pytest.raises(DatasetError, match="no gtFine/ folder"):
         prepare_train_ids(copy_root / "missing")
+
+
+def test_reference_label_mapping_gives_the_paper_ids_and_pads_with_255(synthetic_root):
+    plain = CityscapesDataset(synthetic_root, "val")
+    ref = CityscapesDataset(synthetic_root, "val", label_mapping="reference")
+    for i in range(len(plain)):
+        train_ids, reference = plain[i][1], ref[i][1]
+        assert np.array_equal(reference, np.where(train_ids == 255, 0, train_ids + 1))
+    assert (ref[0][1] == 0).any()  # void is a label here, not ignored
+    unlabeled = CityscapesDataset(synthetic_root, "test", label_mapping="reference")
+    assert (unlabeled[0][1] == 255).all()  # no labels: still ignored, not void
+    with pytest.raises(ValueError, match="label_mapping"):
+        CityscapesDataset(synthetic_root, "val", label_mapping="labelIds")

@@ -40,3 +40,25 @@ def test_names_and_palette_follow_train_id_order():
     assert L.PALETTE.shape == (19, 3) and L.PALETTE.dtype == np.uint8
     assert [tuple(c) for c in L.PALETTE] == [trainId2label[i].color for i in range(19)]
     assert L.LABEL_IDS["car"] == 26 and L.LABEL_IDS["license plate"] == -1
+
+
+# The paper's code (Segmentation/datasets/cityscapes.py): label ids `full_classes` remapped to `new_classes`.
+REFERENCE_FULL_CLASSES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, -1)
+REFERENCE_NEW_CLASSES = (0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 3, 4, 5, 0, 0, 0, 6, 0, 7,
+                         8, 9, 10, 11, 12, 13, 14, 15, 16, 0, 0, 17, 18, 19, 0)
+
+
+def test_reference_mapping_equals_the_paper_code_for_every_label_id():
+    ids = np.array(REFERENCE_FULL_CLASSES, dtype=np.int64)
+    assert L.label_to_reference(ids).tolist() == list(REFERENCE_NEW_CLASSES)
+    # through labelTrainIds files (what the dataset reads): void 255 -> 0, trainId t -> t + 1
+    train_ids = L.label_to_train(ids)
+    assert L.train_to_reference(train_ids).tolist() == list(REFERENCE_NEW_CLASSES)
+    assert L.REFERENCE_NUM_CLASSES == 21 == max(REFERENCE_NEW_CLASSES) + 2  # 20 never a label
+    assert L.REFERENCE_CLASS_NAMES[1:20] == L.CLASS_NAMES and L.REFERENCE_CLASS_NAMES[0] == "void"
+    # back to trainIds for drawing and export: void and the unused 20 are ignore, so is padding
+    back = L.reference_to_train(np.array([0, 1, 19, 20, 255]))
+    assert back.tolist() == [255, 0, 18, 255, 255]
+    with pytest.raises(ValueError, match="19 is not a trainId"):
+        L.train_to_reference(np.array([19]))

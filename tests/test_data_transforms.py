@@ -158,3 +158,82 @@ def test_seed_helpers_are_deterministic_and_distinct():
     first = [ds[0] for _ in range(3)]
     seed_dataset_transforms(ds, 7)
     assert all(torch.equal(x, ds[0]) for x in first)
+
+
+# --- the paper's code's pipeline (configs/paper/*.yaml) ------------------------------------------------------
+
+PAPER_CONFIG = "configs/paper/deeplabv3_resnet50_deconv.yaml"
+
+
+def cityscapes_sized_pair(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (1024, 2048, 3), dtype=np.uint8)
+    label = rng.integers(0, 20, (1024, 2048), dtype=np.uint8)  # the paper's ids: void 0, classes 1..19
+    return image, label
+
+
+def test_paper_training_pipeline_draws_a_short_side_in_260_1040_and_crops_480():
+    import albumentations as A
+
+    from seg.config import load_config
+
+    cfg = load_config(PAPER_CONFIG).data
+    pipeline = build_transforms(cfg, train=True, seed=0)
+    # The same steps, recording what each did: the pad's input is the resized (maybe flipped) image.
+    recorded = A.Compose(pipeline.transforms, strict=True, save_applied_params=True)
+    image, label = cityscapes_sized_pair()
+    shorts = []
+    for _ in range(12):
+        out = recorded(image=image, mask=label)
+        assert tuple(out["image"].shape) == (3, 480, 480) and tuple(out["mask"].shape) == (480, 480)
+        steps = dict(out["applied_transforms"])
+        h, w = steps["PadIfNeeded"]["shape"][:2]
+        assert w == 2 * h  # aspect ratio kept
+        shorts.append(h)
+    assert all(260 <= s <= 1040 for s in shorts) and len(set(shorts)) > 6
+    assert [type(t).__name__ for t in pipeline.transforms] == [
+        "SmallestMaxSize", "HorizontalFlip", "PadIfNeeded", "RandomCrop", "Normalize", "ToTensorV2"]  # no jitter
+
+
+def test_paper_training_pipeline_pads_bottom_right_image_0_label_255():
+    import dataclasses
+
+    from seg.config import load_config
+
+    cfg = dataclasses.replace(load_config(PAPER_CONFIG).data, short_side_range=[260, 260], hflip_prob=0.0)
+    image, label = cityscapes_sized_pair()
+    out = build_transforms(cfg, train=True, seed=0)(image=image, mask=label)
+    mask, img = out["mask"].numpy(), out["image"]
+    # 260 x 520 padded to 480 x 520 at the bottom, then a 480 x 480 crop: rows 260.. are padding.
+    assert (mask[260:] == 255).all() and (mask[:260] != 255).all()
+    zero = torch.tensor([(0 - m) / s for m, s in zip(cfg.mean, cfg.std, strict=True)])[:, None, None]
+    assert torch.allclose(img[:, 260:], zero.expand(-1, 220, 480), atol=1e-5)
+
+
+def test_paper_validation_resizes_to_short_side_520_label_as_pil_nearest():
+    from PIL import Image
+
+    from seg.config import load_config
+
+    cfg = load_config(PAPER_CONFIG).data
+    image, label = cityscapes_sized_pair()
+    out = build_transforms(cfg, train=False)(image=image, mask=label)
+    assert tuple(out["image"].shape) == (3, 520, 1040)
+    # The paper's code: F.resize(target, 520, interpolation=Image.NEAREST) on a PIL image.
+    expected = np.asarray(Image.fromarray(label).resize((1040, 520), Image.NEAREST))
+    assert np.array_equal(out["mask"].numpy(), expected)
+
+
+def test_short_side_and_pad_fields_are_checked():
+    with pytest.raises(ConfigError, match="data.short_side_range"):
+        DataConfig(short_side_range=[1040, 260], scale_range=[1.0, 1.0])
+    with pytest.raises(ConfigError, match="data.short_side_range"):
+        DataConfig(short_side_range=[0, 260], scale_range=[1.0, 1.0])
+    with pytest.raises(ConfigError, match=r"data.scale_range.*short_side_range"):
+        DataConfig(short_side_range=[260, 1040])  # the default scale_range would draw a second scale
+    with pytest.raises(ConfigError, match="data.pad_position"):
+        DataConfig(pad_position="bottom")
+    with pytest.raises(ConfigError, match="data.val_short_side"):
+        DataConfig(val_short_side=0)
+    with pytest.raises(ConfigError, match="data.label_mapping"):
+        DataConfig(label_mapping="void")

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from seg.evaluation import ConfusionMatrix, ShardedEvalSampler, evaluate, format_table
-from seg.evaluation.evaluator import reference_miou
+from seg.evaluation.evaluator import benchmark_from_reference, reference_miou
 
 
 def test_hand_computed_matrix_with_ignored_pixels_and_absent_class():
@@ -142,12 +142,49 @@ def test_evaluate_reference_compat_counts_void_and_resizes_to_short_side_520():
     images, targets, _ = _toy_data(n_images=2)
     loader = DataLoader(TensorDataset(images, targets), batch_size=2)
     res = evaluate(_Constant(4), loader, "cpu", num_classes=4, reference_compat=True)
-    # Recompute by hand: nearest-resize the targets to 520x520, void -> 0, classes +1; the 4-output
-    # model's predictions shift by one as well (it has no void output).
-    t = torch.nn.functional.interpolate(targets[:, None].float(), size=(520, 520), mode="nearest")[:, 0].long()
-    p = torch.nn.functional.interpolate(images[:, :1], size=(520, 520), mode="bilinear", align_corners=False)
+    # Recompute by hand: resize to 520x520 as PIL does (labels nearest by pixel centre, images bilinear),
+    # void -> 0, classes +1; the 4-output model's predictions shift by one as well (it has no void output).
+    t = torch.nn.functional.interpolate(targets[:, None].float(), size=(520, 520), mode="nearest-exact")[:, 0].long()
+    p = torch.nn.functional.interpolate(images[:, :1], size=(520, 520), mode="bilinear", align_corners=False,
+                                        antialias=True)
     p = p[:, 0].round().long().clamp(0, 3)
     cm = ConfusionMatrix(21, ignore_index=None)
     cm.update(p + 1, torch.where(t == 255, 0, t + 1))
-    assert res["miou"] == pytest.approx(reference_miou(cm))
-    assert res["num_pixels"] == 2 * 520 * 520 and "NOT the benchmark" in res["note"]
+    assert res["miou_reference"] == pytest.approx(reference_miou(cm))
+    assert res["num_pixels"] == int((t != 255).sum()) and "NOT the benchmark" in res["note"]
+    # miou stays the 19-class metric of the same predictions: void pixels left out.
+    standard = ConfusionMatrix(19)
+    standard.update(p, t)
+    assert res["miou"] == pytest.approx(standard.compute()["miou"])
+    assert res["iou"] == pytest.approx(standard.compute()["iou"], nan_ok=True)
+    assert len(res["iou_reference"]) == 21 and len(res["confusion_matrix"]) == 21
+
+
+def test_benchmark_from_reference_counts_a_void_prediction_as_a_miss():
+    cm = ConfusionMatrix(21, ignore_index=255)
+    # targets (reference ids): road (1) x3, sidewalk (2) x1, void (0) x2; predictions: road, void, road,
+    # sidewalk on the classes, road and sidewalk on void (left out of the 19-class scores).
+    cm.update(torch.tensor([1, 0, 1, 2, 1, 2]), torch.tensor([1, 1, 1, 2, 0, 0]))
+    res = benchmark_from_reference(cm)
+    # road: TP 2, FN 1 (the void prediction), FP 0 -> 2/3; sidewalk: 1/1; every other class absent.
+    assert res["iou"][:2] == pytest.approx([2 / 3, 1.0])
+    assert all(v != v for v in res["iou"][2:]) and len(res["iou"]) == 19
+    assert res["miou"] == pytest.approx((2 / 3 + 1) / 2)
+    assert res["acc"] == pytest.approx(3 / 4) and res["num_pixels"] == 4
+    # the paper's mean: void IoU 0/ (2 + 1) = 0, road 2/4, sidewalk 1/2, 18 zeros
+    assert reference_miou(cm) == pytest.approx((0 + 2 / 4 + 1 / 2) / 21)
+
+
+def test_evaluate_21_output_model_on_reference_masks():
+    # A 21-output model on masks already in the paper's ids (void 0, padding 255 left out).
+    targets = torch.tensor([[[1, 1, 0, 255], [2, 2, 0, 3]]])
+    preds = torch.tensor([[[1, 0, 0, 5], [2, 20, 1, 3]]])
+    images = preds[:, None].float().expand(-1, 3, -1, -1).contiguous()
+    model = _Constant(21)
+    model.config = type("C", (), {"num_classes": 21})()  # what Predictor reads the output count from
+    res = evaluate(model, DataLoader(TensorDataset(images, targets)), "cpu", reference_targets=True)
+    cm = ConfusionMatrix(21)
+    cm.update(preds, targets)
+    assert torch.equal(torch.tensor(res["confusion_matrix"]), cm.mat)
+    assert res["miou"] == pytest.approx(benchmark_from_reference(cm)["miou"])
+    assert res["miou_reference"] == pytest.approx(reference_miou(cm))

@@ -235,3 +235,53 @@ def test_export_onnx_without_the_packages_explains(config_file, checkpoint, tmp_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install -e '.[onnx]'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def reference_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny model with the paper's 21 outputs (void, 19 classes, unused)."""
+    cfg = Config(model=ModelConfig(encoder="resnet18", output_stride=16, num_classes=21),
+                 data=DataConfig(label_mapping="reference"))
+    cfg.model.deconv.block = 16
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    path = tmp_path_factory.mktemp("ckpt21") / "last.pth"
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "iteration": 0}, path)
+    return path
+
+
+def test_eval_tool_gives_both_metrics_of_a_paper_checkpoint(synthetic_root, reference_checkpoint, tmp_path, capsys):
+    # A paper-style config (the paper's labels, validation at a short side) at a small size for CPU.
+    cfg = Config(model=ModelConfig(num_classes=21),
+                 data=DataConfig(root=str(synthetic_root), num_workers=0, label_mapping="reference", val_short_side=48))
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    args = eval_tool.parse_args([str(config), str(reference_checkpoint), "--out", str(tmp_path)])
+    assert eval_tool.run(args, CPU) == 0
+    text = capsys.readouterr().out
+    assert "19 Cityscapes classes at short side 48" in text and "NOT the Cityscapes benchmark metric" in text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert len(metrics["iou"]) == 19 and len(metrics["iou_reference"]) == 21
+    assert metrics["class_names_reference"][0] == "void" and metrics["class_names"][0] == "road"
+    cm = ConfusionMatrix(21)
+    cm.mat = torch.tensor(json.loads((tmp_path / "metrics.json").read_text())["confusion_matrix"])
+    from seg.evaluation.evaluator import benchmark_from_reference, reference_miou
+
+    assert metrics["miou_reference"] == pytest.approx(reference_miou(cm))
+    assert metrics["miou"] == pytest.approx(benchmark_from_reference(cm)["miou"])
+    assert cm.mat.sum() == 2 * 48 * 96 and cm.mat[0].sum() > 0  # every pixel, void rows included
+    with pytest.raises(Exception, match="full resolution"):
+        eval_tool.run(eval_tool.parse_args([str(config), str(reference_checkpoint), "--official"]), CPU)
+
+
+def test_paper_checkpoint_on_the_benchmark_config_agrees_with_the_official_evaluator(
+    config_file, reference_checkpoint, tmp_path
+):
+    # Full resolution, 19 classes: a void (or unused) prediction is written as 'unlabeled', which the
+    # official evaluator counts as a miss of the true class, as benchmark_from_reference does.
+    args = eval_tool.parse_args([str(config_file), str(reference_checkpoint), "--official", "--out", str(tmp_path)])
+    assert eval_tool.run(args, CPU) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    cm = torch.tensor(report["confusion_matrix"])
+    assert cm.shape == (21, 21) and (cm[1:20, 0].sum() + cm[1:20, 20].sum()) > 0  # void predictions happened
+    assert abs(100 * report["official"]["miou"] - 100 * report["metrics"]["miou"]) < 0.05

@@ -27,11 +27,12 @@ from pathlib import Path
 
 from seg.config import Config, ConfigError, load_config, to_dict
 from seg.data import CityscapesDataset, build_transforms
-from seg.data.labels import CLASS_NAMES, NUM_CLASSES
+from seg.data.labels import CLASS_NAMES, NUM_CLASSES, REFERENCE_CLASS_NAMES, reference_to_train
 from seg.engine.distributed import DistInfo, barrier, finish, init_distributed
 from seg.errors import UserError, error_message
 from seg.evaluation import build_eval_loader, evaluate, format_table
 from seg.evaluation.classification import evaluate_classification
+from seg.evaluation.evaluator import outputs_reference_ids
 from seg.evaluation.official import format_official, prediction_path, run_official_eval, save_label_ids
 from seg.inference import Predictor, load_checkpoint_model, pick_device
 from seg.nn import fold_deconv
@@ -81,9 +82,11 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
     }
     eval_cfg = dataclasses.replace(cfg.eval, **{k: v for k, v in chosen.items() if v is not None})
     split = args.split or cfg.data.val_split
-    if eval_cfg.reference_compat and (args.official or args.format_only):
+    if (args.official or args.format_only) and (eval_cfg.reference_compat or cfg.data.val_short_side):
+        why = "--reference-compat scores" if eval_cfg.reference_compat else f"{args.config} validates"
         raise ConfigError(
-            "--reference-compat scores at short side 520; it cannot be combined with --official"
+            f"{why} at short side {cfg.data.val_short_side or 520}; --official and --format-only need full "
+            f"resolution: use a benchmark config, e.g. tools/eval.py configs/deeplab_deconv.yaml CHECKPOINT --official"
         )
 
     model, trained = load_checkpoint_model(args.checkpoint, info.device)
@@ -96,7 +99,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
     )
     # Normalise exactly as the model was trained; the data root and split come from CONFIG.
     data_cfg = dataclasses.replace(cfg.data, mean=trained.data.mean, std=trained.data.std)
-    dataset = CityscapesDataset(data_cfg.root, split, transform=build_transforms(data_cfg, train=False))
+    dataset = CityscapesDataset(
+        data_cfg.root, split, transform=build_transforms(data_cfg, train=False), label_mapping=data_cfg.label_mapping
+    )
+    reference_targets = data_cfg.label_mapping == "reference"
+    reference_ids = eval_cfg.reference_compat or reference_targets or outputs_reference_ids(predictor)
+    size = f"short side {data_cfg.val_short_side}" if data_cfg.val_short_side else "full resolution"
+    if eval_cfg.reference_compat:
+        size = "short side 520"
     workers = data_cfg.num_workers if args.num_workers is None else args.num_workers
     loader = build_eval_loader(dataset, batch_size=1, num_workers=workers)
 
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
         if write_pngs and pred_dir.exists():
             shutil.rmtree(pred_dir)  # predictions of an earlier run must not be scored
         print(
-            f"evaluating {args.checkpoint} on {data_cfg.root} [{split}]: {len(dataset)} images, "
+            f"evaluating {args.checkpoint} on {data_cfg.root} [{split}]: {len(dataset)} images at {size}, "
             f"mode {eval_cfg.mode}, scales {eval_cfg.scales}, flip {eval_cfg.flip}, "
             f"{info.world_size} process(es) on {info.device}"
         )
@@ -116,7 +126,10 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
 
     def save_batch(indices, pred, _target):
         for i, p in zip(indices, pred, strict=True):
-            save_label_ids(p.cpu().numpy().astype("uint8"), prediction_path(pred_dir, dataset.files[i][0]))
+            p = p.cpu().numpy()
+            # The paper's ids back to trainIds; a void prediction becomes 'unlabeled', a miss for the evaluator.
+            train_ids = reference_to_train(p) if reference_ids else p.astype("uint8")
+            save_label_ids(train_ids, prediction_path(pred_dir, dataset.files[i][0]))
 
     start = time.perf_counter()
     metrics = evaluate(
@@ -126,6 +139,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
         num_classes=NUM_CLASSES,
         predictor=predictor,
         reference_compat=eval_cfg.reference_compat,
+        reference_targets=reference_targets,
         progress=True,
         on_batch=save_batch if write_pngs else None,
     )
@@ -146,15 +160,20 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
         )
         report["predictions"] = str(pred_dir)
     else:
-        names = CLASS_NAMES if not eval_cfg.reference_compat else ("void", *CLASS_NAMES, "unused")
-        title = (
-            "reference-compatible scores (NOT the Cityscapes benchmark metric)"
-            if eval_cfg.reference_compat
-            else ""
-        )
-        print(format_table(metrics, names, title=title))
+        title = f"19 Cityscapes classes at {size}" + (" (full resolution is the benchmark's)" if
+                                                       data_cfg.val_short_side or eval_cfg.reference_compat else "")
+        print(format_table(metrics, CLASS_NAMES, title=title))
         report["metrics"] = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
-        report["metrics"]["class_names"] = list(names)
+        report["metrics"]["class_names"] = list(CLASS_NAMES)
+        if "miou_reference" in metrics:
+            reference = {"iou": metrics["iou_reference"], "miou": metrics["miou_reference"],
+                         "acc": metrics["acc_reference"], "class_acc": metrics["class_acc_reference"],
+                         "macc": float("nan")}
+            print()
+            print(format_table(reference, REFERENCE_CLASS_NAMES, title=(
+                f"the paper's code's scores at {size}: 21 classes, void counted, class 20 never a label, "
+                f"mIoU = mean of all 21 (NOT the Cityscapes benchmark metric)")))
+            report["metrics"]["class_names_reference"] = list(REFERENCE_CLASS_NAMES)
         report["confusion_matrix"] = metrics["confusion_matrix"]
         if args.official:
             official = run_official_eval(pred_dir, data_cfg.root, split, json_out=out_dir / "official.json")

@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from seg.evaluation.metrics import ConfusionMatrix
+from seg.data.labels import IGNORE_INDEX, NUM_CLASSES, REFERENCE_NUM_CLASSES, TRAIN_TO_REFERENCE_LUT
+from seg.evaluation.metrics import ConfusionMatrix, nanmean
 from seg.inference import Predictor
 
-# Reference-compatible scoring (NOT the Cityscapes benchmark): void is class 0, the 19 classes are 1..19,
-# 21 outputs, every pixel counted, IoU of absent classes taken as 0 and averaged over all 21.
-REFERENCE_NUM_CLASSES = 21
+# The paper's code's scoring (NOT the Cityscapes benchmark): predictions and labels in its 21 ids (void is
+# class 0 and counted, the 19 classes 1..19, 20 unused), IoU of absent classes taken as 0 and averaged over
+# all 21, at short side 520 (its validation transform).
 REFERENCE_SHORT_SIDE = 520
+_TRAIN_TO_REFERENCE = torch.tensor(TRAIN_TO_REFERENCE_LUT.tolist(), dtype=torch.int64)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -83,17 +85,45 @@ def _real_count(loader: DataLoader) -> int | None:
     return None
 
 
-def to_reference_target(target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """trainIds with ``ignore_index`` -> reference ids: void 0, classes 1..19."""
-    return torch.where(target == ignore_index, torch.zeros_like(target), target + 1)
+def to_reference_target(target: torch.Tensor) -> torch.Tensor:
+    """trainIds (255 = void) -> the paper's code's ids (void 0, classes 1..19); see seg.data.labels."""
+    return _TRAIN_TO_REFERENCE.to(target.device)[target.long().clamp(0, 255)]
+
+
+def reference_ious(cm: ConfusionMatrix) -> list[float]:
+    """IoU of every class with absent classes counted as 0, as the paper's code's ``ConfusionMatrix``."""
+    h = cm.mat.double().cpu()
+    tp = h.diag()
+    union = h.sum(0) + h.sum(1) - tp
+    return (tp / union.clamp(min=1)).tolist()
 
 
 def reference_miou(cm: ConfusionMatrix) -> float:
     """Mean IoU over all classes with absent classes counted as 0 (the reference code's average)."""
-    h = cm.mat.double().cpu()
-    tp = h.diag()
-    union = h.sum(0) + h.sum(1) - tp
-    return float((tp / union.clamp(min=1)).mean())
+    ious = reference_ious(cm)
+    return sum(ious) / len(ious)
+
+
+def benchmark_from_reference(cm: ConfusionMatrix) -> dict[str, Any]:
+    """The 19-class metrics of predictions scored in the paper's 21 ids.
+
+    Void pixels are left out; on a pixel of a class, a prediction of void or of the unused id is a miss of
+    that class and a false positive of none, as cityscapesscripts counts a predicted void labelId. Keys as
+    :meth:`ConfusionMatrix.compute`, over the 19 classes in trainId order.
+    """
+    h = cm.mat.cpu()
+    cls = _TRAIN_TO_REFERENCE[:NUM_CLASSES]
+    other = torch.tensor([i for i in range(h.shape[1]) if i not in set(cls.tolist())])
+    n = NUM_CLASSES
+    mat = torch.zeros(n + 1, n + 1, dtype=torch.int64)  # the last column: predictions of no class
+    mat[:n, :n] = h[cls][:, cls]
+    mat[:n, n] = h[cls][:, other].sum(1)
+    folded = ConfusionMatrix(n + 1, ignore_index=None)
+    folded.mat = mat
+    res = folded.compute()
+    iou, class_acc = torch.tensor(res["iou"][:n]), torch.tensor(res["class_acc"][:n])
+    res.update(iou=iou.tolist(), class_acc=class_acc.tolist(), miou=nanmean(iou), macc=nanmean(class_acc))
+    return res
 
 
 def _resize_short_side(
@@ -102,9 +132,15 @@ def _resize_short_side(
     h, w = images.shape[-2:]
     scale = short / min(h, w)
     size = (round(h * scale), round(w * scale))
-    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-    targets = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    # As PIL resizes in the paper's code: bilinear smoothed when shrinking, labels nearest by pixel centre.
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    targets = F.interpolate(targets[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
     return images, targets
+
+
+def outputs_reference_ids(predictor: Any) -> bool:
+    """Whether a predictor's model has the paper's 21 outputs (and so predicts its ids)."""
+    return getattr(predictor, "num_classes", None) == REFERENCE_NUM_CLASSES
 
 
 @torch.no_grad()
@@ -118,6 +154,7 @@ def evaluate(
     *,
     predictor: Any = None,
     reference_compat: bool = False,
+    reference_targets: bool = False,
     progress: bool = False,
     on_batch: Callable[[list[int] | None, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
@@ -126,8 +163,15 @@ def evaluate(
     Images are normalised tensors N,3,H,W; masks int64 N,H,W with ``ignore_index`` for unlabelled pixels.
     Predictions are made at the loader's resolution (full resolution for the standard val transform).
     ``on_batch(indices, pred, target)`` sees every scored batch (``indices``: dataset indices, or ``None``
-    when the sampler shuffles). Returns ``ConfusionMatrix.compute()`` plus ``num_images``; with
-    ``reference_compat`` the keys are those of the 21-class reference scoring (``miou`` = reference mIoU).
+    when the sampler shuffles; ``pred`` and ``target`` in the ids scored). Returns
+    ``ConfusionMatrix.compute()`` plus ``num_images``.
+
+    Scoring in the paper's code's 21 ids happens when ``reference_compat`` asks for it (images then resized
+    to short side 520 unless they are), when the masks already are in those ids (``reference_targets``:
+    void 0, classes 1..19, 255 = padding) or when the model has 21 outputs; 19-output predictions and
+    trainId masks are mapped into them. Then ``miou``, ``iou``, ``acc``, ``macc`` stay the 19-class metrics
+    of the same predictions (:func:`benchmark_from_reference`), and ``miou_reference`` (the mean of all
+    21 IoUs), ``iou_reference``, ``acc_reference`` and a ``note`` are added; ``confusion_matrix`` is 21x21.
     The model's train/eval mode is restored afterwards.
     """
     if predictor is None:
@@ -136,8 +180,12 @@ def evaluate(
         predictor = Predictor(
             model, device=device, amp_dtype=amp_dtype, batch_size=max(1, loader.batch_size or 1)
         )
-    n_cls = REFERENCE_NUM_CLASSES if reference_compat else num_classes
-    cm = ConfusionMatrix(n_cls, None if reference_compat else ignore_index, device=predictor.device)
+    reference_outputs = outputs_reference_ids(predictor)
+    reference = reference_compat or reference_targets or reference_outputs
+    if reference:
+        cm = ConfusionMatrix(REFERENCE_NUM_CLASSES, IGNORE_INDEX, device=predictor.device)
+    else:
+        cm = ConfusionMatrix(num_classes, ignore_index, device=predictor.device)
 
     indices = _sample_indices(loader) if on_batch is not None else None
     real = _real_count(loader)
@@ -158,12 +206,13 @@ def evaluate(
         if len(images) == 0:
             continue
         targets = targets.to(predictor.device, non_blocking=True)
-        if reference_compat:
+        if reference_compat and min(images.shape[-2:]) != REFERENCE_SHORT_SIDE:
             images, targets = _resize_short_side(images, targets, REFERENCE_SHORT_SIDE)
-            targets = to_reference_target(targets, ignore_index)
+        if reference and not reference_targets:
+            targets = to_reference_target(targets)
         pred = predictor.predict_tensor(images)
-        if reference_compat and getattr(predictor, "num_classes", None) != REFERENCE_NUM_CLASSES:
-            pred = pred + 1  # a 19-output model never predicts void
+        if reference and not reference_outputs:
+            pred = to_reference_target(pred)  # a 19-output model never predicts void
         cm.update(pred, targets)
         if on_batch is not None:
             on_batch(batch_idx, pred, targets)
@@ -174,11 +223,15 @@ def evaluate(
         num_images = num_images.to(cm.mat.device if dist.get_backend() != "nccl" else "cuda")
         dist.all_reduce(num_images)
     result = cm.compute()
-    if reference_compat:
-        result["miou_benchmark_like"] = result["miou"]
-        result["miou"] = reference_miou(cm)
+    if reference:
+        result = benchmark_from_reference(cm)
+        result["miou_reference"] = reference_miou(cm)
+        result["iou_reference"] = reference_ious(cm)
+        plain = cm.compute()
+        result["acc_reference"], result["class_acc_reference"] = plain["acc"], plain["class_acc"]
         result["note"] = (
-            "reference-compatible scoring (21 classes, void = class 0, short side 520): NOT the benchmark"
+            "miou: the 19 classes, void pixels left out (a void prediction is a miss); miou_reference: the "
+            "paper's code's mean of 21 IoUs, void a class, class 20 never a label: NOT the benchmark metric"
         )
     result["num_images"] = int(num_images.item())
     result["confusion_matrix"] = cm.mat.cpu().tolist()

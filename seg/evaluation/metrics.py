@@ -84,16 +84,17 @@ class ConfusionMatrix:
         class_acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float("nan")))
         total = h.sum()
         return {
-            "miou": _nanmean(iou),
+            "miou": nanmean(iou),
             "iou": iou.tolist(),
             "acc": float(tp.sum() / total) if total > 0 else float("nan"),
-            "macc": _nanmean(class_acc),
+            "macc": nanmean(class_acc),
             "class_acc": class_acc.tolist(),
             "num_pixels": int(total),
         }
 
 
-def _nanmean(x: torch.Tensor) -> float:
+def nanmean(x: torch.Tensor) -> float:
+    """The mean of the non-NaN entries (NaN when there are none)."""
     valid = ~torch.isnan(x)
     return float(x[valid].mean()) if valid.any() else float("nan")
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.data import CityscapesDataset, DatasetError, build_transforms
-from seg.data.labels import CLASS_NAMES
+from seg.data.labels import CLASS_NAMES, reference_to_train
 from seg.engine.writers import Event
 from seg.evaluation import evaluate
 from seg.inference import Predictor
@@ -38,8 +38,9 @@ class SegmentationTask(Task):
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.cfg.data
         try:
-            train_set = CityscapesDataset(data.root, data.train_split, build_transforms(data, train=True))
-            val_set = CityscapesDataset(data.root, data.val_split, build_transforms(data, train=False))
+            labels = data.label_mapping
+            train_set = CityscapesDataset(data.root, data.train_split, build_transforms(data, train=True), labels)
+            val_set = CityscapesDataset(data.root, data.val_split, build_transforms(data, train=False), labels)
         except DatasetError as e:
             raise DataRootError(f"{e}\n\n{DEMO_HINT}") from e
         limit = self.cfg.train.val_max_images
@@ -70,22 +71,26 @@ class SegmentationTask(Task):
         return evaluate(
             model, loader, device, num_classes=self.cfg.model.num_classes,
             ignore_index=self.cfg.train.ignore_index, predictor=predictor,
+            reference_compat=self.cfg.eval.reference_compat,
+            reference_targets=self.cfg.data.label_mapping == "reference",
         )
 
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
-        n = self.cfg.model.num_classes
+        n = len(metrics["iou"])  # 19 also for a model with the paper's 21 outputs (see evaluate)
         names = CLASS_NAMES if n == len(CLASS_NAMES) else [str(i) for i in range(n)]
         scalars = {"val/mIoU": metrics["miou"], "val/pixel_acc": metrics["acc"], "val/mean_acc": metrics["macc"]}
         # NaN IoU: the class is absent from the split and has no curve.
         scalars.update({f"val_iou/{k}": v for k, v in zip(names, metrics["iou"], strict=True) if v == v})
-        return Event(
-            "val",
-            iteration,
-            record={"miou": metrics["miou"], "acc": metrics["acc"], "macc": metrics["macc"], "iou": metrics["iou"]},
-            scalars=scalars,
-            images=self._images(model, device),
-            line=f"val @ {iteration}: mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['acc']:.2f}",
-        )
+        record = {"miou": metrics["miou"], "acc": metrics["acc"], "macc": metrics["macc"], "iou": metrics["iou"]}
+        line = f"val @ {iteration}: mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['acc']:.2f}"
+        if "miou_reference" in metrics:
+            # The paper's code's number (21 classes, void counted), NOT the benchmark's; kept apart by name.
+            scalars["val/mIoU_reference21"] = metrics["miou_reference"]
+            record.update(miou_reference=metrics["miou_reference"], iou_reference=metrics["iou_reference"])
+            line = (f"val @ {iteration}: mIoU {100 * metrics['miou']:.2f} (19 classes)  reference mIoU "
+                    f"{100 * metrics['miou_reference']:.2f} (paper's code: 21 classes, void counted; not the "
+                    f"benchmark)  pixel acc {100 * metrics['acc']:.2f}")
+        return Event("val", iteration, record=record, scalars=scalars, images=self._images(model, device), line=line)
 
     @torch.no_grad()
     def _images(self, model: nn.Module, device: torch.device) -> dict[str, np.ndarray]:
@@ -93,6 +98,8 @@ class SegmentationTask(Task):
         image, mask = self.val_set[0]
         pred = self._predictor(model, device, None).predict_tensor(image[None])[0].cpu().numpy()
         data = self.cfg.data
+        if data.label_mapping == "reference":  # drawn in the Cityscapes palette: void and unused black
+            mask, pred = reference_to_train(np.asarray(mask)), reference_to_train(pred)
         return {
             "val/input": denormalize(image, data.mean, data.std),
             "val/ground_truth": colorize(np.asarray(mask, dtype=np.int64)),
