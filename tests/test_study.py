@@ -185,6 +185,19 @@ def test_summary_by_hand(hand_runs: list) -> None:
     assert "contain 0 for deconv" in text and "cannot be separated" in text and "s2: diverged" in text
 
 
+def test_report_at_an_early_iteration_by_hand(hand_runs: list) -> None:
+    """report_at: [10]: every seed validated at 10 (bn 0.40, deconv 0.50); deconv seed 2 diverged and is out."""
+    s = summarize({"name": "hand", "seeds": [0, 1, 2], "opts": [], "base": "b.yaml", "command": "c"}, "bn",
+                  {"bn": ["model.norm=bn"], "deconv": ["model.norm=deconv"]}, hand_runs, report_at=[10])
+    at = s["at_iterations"]["10"]
+    assert at["bn"]["miou"]["mean"] == pytest.approx(0.40) and at["bn"]["miou"]["n"] == 3
+    assert at["deconv"]["miou"]["n"] == 2 and at["deconv"]["diff_to_baseline"]["seeds"] == [0, 1]
+    assert at["deconv"]["diff_to_baseline"]["mean"] == pytest.approx(0.10)
+    assert at["deconv"]["diff_to_baseline"]["std"] == pytest.approx(0.0, abs=1e-12)
+    text = markdown(s)
+    assert "## Val mIoU at iteration 10" in text and "| deconv | 50.00 ± 0.00 |" in text
+
+
 def test_verdict_separates_and_one_seed_says_so(hand_runs: list) -> None:
     header = {"name": "hand", "seeds": [0, 1, 2], "opts": [], "base": "b.yaml", "command": "c"}
     shifted = [r for r in hand_runs if r.variant == "bn"]
@@ -301,6 +314,7 @@ def test_records_without_the_metric_are_one_clear_error(cls_study: dict) -> None
     ({"opts": ["train.seed=3"]}, ["'opts'", "train.seed"]),
     ({"base": "configs/nope.yaml"}, ["'base'", "nope.yaml"]),
     ({"name": "../escape"}, ["'name'"]),
+    ({"report_at": [0]}, ["'report_at'"]),
     ({"variants": {"bn": ["model.norm=bn"], "deconv": ["model.nrom=deconv"]}}, ["variant 'deconv'", "model.nrom"]),
     ({"variants": {"bn": ["model.norm=batchnorm"]}}, ["variant 'bn'", "batchnorm"]),
 ])
@@ -428,7 +442,8 @@ def test_a_failing_run_is_recorded_and_the_study_exits_1(tmp_path: Path, synthet
 
 @pytest.mark.slow  # a subprocess per case; `pytest -m slow` runs it
 def test_ctrl_c_stops_the_children_cleanly(tmp_path: Path, synthetic_root: Path) -> None:
-    path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]})
+    # Two seeds, one job: seed1 is still pending when the stop comes, and must never start.
+    path = write_study(tmp_path / "s.yaml", seeds=[0, 1], variants={"bn": ["model.norm=bn"]})
     run_dir = tmp_path / "out" / "bn" / "seed0"
     cmd = [sys.executable, "tools/study.py", str(path), "--out", str(tmp_path / "out"), "--device", "cpu",
            "--opts", *tiny_opts(synthetic_root, iterations=100000)]
@@ -448,7 +463,8 @@ def test_ctrl_c_stops_the_children_cleanly(tmp_path: Path, synthetic_root: Path)
     assert "interrupted bn/seed0" in out and "Traceback" not in err
     assert "stopped by SIGINT" in (run_dir / "train.log").read_text() and (run_dir / "last.pth").is_file()
     summary = json.loads((tmp_path / "out" / "study.json").read_text())
-    assert summary["variants"]["bn"]["runs"][0]["status"] == "interrupted"
+    assert [r["status"] for r in summary["variants"]["bn"]["runs"]] == ["interrupted", "incomplete"]
+    assert not (tmp_path / "out" / "bn" / "seed1").exists()
 
 
 # --------------------------------------------------------------------------------------------

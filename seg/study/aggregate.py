@@ -129,6 +129,33 @@ def final_values(runs: list[RunResult], key: str) -> dict[int, float]:
     return {r.seed: r.final[key] for r in runs if r.final is not None}
 
 
+def values_at(runs: list[RunResult], iteration: int, key: str) -> dict[int, float]:
+    """seed -> val ``key`` at ``iteration`` of the finished runs that validated there (e.g. after one epoch)."""
+    out = {}
+    for r in runs:
+        rec = next((v for v in r.val if v["iteration"] == iteration), None)
+        if r.status == "finished" and rec is not None:
+            out[r.seed] = rec[key]
+    return out
+
+
+def at_iteration(by_variant: dict[str, list[RunResult]], baseline: str, iteration: int, key: str
+                 ) -> dict[str, Any]:
+    """Every variant's val ``key`` at ``iteration`` over seeds, and its paired difference to the baseline."""
+    base = values_at(by_variant[baseline], iteration, key)
+    rows = {}
+    for v, runs in by_variant.items():
+        vals = values_at(runs, iteration, key)
+        diff = None
+        if v != baseline:
+            d = paired_differences(vals, base)
+            e = estimate(list(d.values()), LEVEL)
+            diff = None if e is None else {**_estimate_dict(e), "seeds": sorted(d),
+                                           "separated": None if e.ci is None else not e.contains(0.0)}
+        rows[v] = {key: _estimate_dict(estimate(list(vals.values()), LEVEL)), "diff_to_baseline": diff}
+    return rows
+
+
 def baseline_threshold(baseline_runs: list[RunResult], key: str) -> float | None:
     """90% of the baseline's final ``key``, mean over its finished seeds (None when none finished)."""
     e = estimate(list(final_values(baseline_runs, key).values()))
@@ -201,7 +228,7 @@ def check_records(runs: list[RunResult], metric: StudyMetric) -> None:
 
 
 def summarize(header: dict[str, Any], baseline: str, variants: dict[str, list[str]], runs: list[RunResult],
-              metric: StudyMetric = SEGMENTATION) -> dict[str, Any]:
+              metric: StudyMetric = SEGMENTATION, report_at: list[int] | None = None) -> dict[str, Any]:
     """study.json: ``header`` (the study's settings), the compared ``metric``, the convergence threshold (on
     that metric), one summary per variant."""
     check_records(runs, metric)
@@ -219,4 +246,5 @@ def summarize(header: dict[str, Any], baseline: str, variants: dict[str, list[st
                                  metric)
             for v, vr in by_variant.items()
         },
+        "at_iterations": {str(it): at_iteration(by_variant, baseline, it, metric.key) for it in report_at or []},
     }

@@ -18,7 +18,7 @@ from seg.config import Config, ConfigError, load_config, parse_override, read_ya
 
 # A relative ``base:`` is read from the repository root (where configs/ lives), wherever the study file is.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KEYS = ("name", "base", "seeds", "baseline", "opts", "variants", "sweep")
+KEYS = ("name", "base", "seeds", "baseline", "opts", "variants", "sweep", "report_at")
 SWEEP_KEYS = ("key", "values", "seeds", "opts", "rule")
 # How a sweep picks each variant's value (the rule is named in the study file, so it is fixed before the runs).
 RULES = {
@@ -62,6 +62,7 @@ class Study:
     opts: list[str] = field(default_factory=list)  # applied to every run, before the variant's
     source: Path = Path("<study>")
     sweep: Sweep | None = None
+    report_at: list[int] = field(default_factory=list)  # iterations (e.g. one epoch) reported besides the final
 
     def overrides(self, variant: str, seed: int, cli_opts: list[str] | None = None, extra: list[str] | None = None
                   ) -> list[str]:
@@ -200,6 +201,15 @@ def _sweep(path: Path, value: Any, variants: dict[str, list[str]], seeds: list[i
     return Sweep(key, values, sel_seeds, opts, rule)
 
 
+def _iterations(path: Path, value: Any) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                              for v in value):
+        raise _fail(path, "report_at", f"has value {value!r}, expected a list of iterations >= 1")
+    return sorted(set(value))
+
+
 def _base(path: Path, value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise _fail(path, "base", f"has value {value!r}, expected a training config file")
@@ -217,7 +227,7 @@ def load_study(path: str | Path) -> Study:
     unknown = [k for k in data if k not in KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(KEYS)}")
-    missing = [k for k in KEYS if k not in ("opts", "sweep") and k not in data]
+    missing = [k for k in KEYS if k not in ("opts", "sweep", "report_at") and k not in data]
     if missing:
         raise ConfigError(f"{path}: missing key '{missing[0]}'")
     variants = _variants(path, data["variants"])
@@ -234,6 +244,7 @@ def load_study(path: str | Path) -> Study:
         opts=_overrides(path, "opts", data.get("opts")),
         source=path,
         sweep=_sweep(path, data.get("sweep"), variants, seeds),
+        report_at=_iterations(path, data.get("report_at")),
     )
 
 

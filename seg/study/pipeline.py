@@ -105,10 +105,9 @@ def run_study(
         for variant, value in (chosen or {}).items():
             log(f"picked {study.sweep.key}={value} for {variant} ({study.sweep.rule})")
         specs = plan_runs(study, out, cli_opts, chosen)
+    if signum is None:  # a stop during the selection starts nothing more
         more, signum = _run(specs, device, jobs, gpus, log)
         outcomes.update(more)
-    elif study.sweep is not None:  # stopped during the selection: report the picks made so far, start nothing
-        specs = []
     return write_results(study, out, specs, outcomes, signum, cli_opts, selection_specs)
 
 
@@ -133,7 +132,7 @@ def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[
     }
     selection_runs = _load(selection_specs, outcomes)
     selection = select(study, selection_specs, selection_runs, metric.key)
-    summary = summarize(header, study.baseline, study.variants, runs, metric)
+    summary = summarize(header, study.baseline, study.variants, runs, metric, study.report_at)
     summary["sweep"] = selection
     files = list(write_report(summary, out))
     files += write_figures({v: [r for r in runs if r.variant == v] for v in study.variants}, out, study.name, metric)

@@ -74,14 +74,15 @@ def table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def verdict(summary: dict[str, Any]) -> str:
-    """Which paired differences to the baseline the 95% intervals separate from 0, and which they cannot."""
+def verdict(summary: dict[str, Any], rows: dict[str, Any] | None = None) -> str:
+    """Which paired differences to the baseline the 95% intervals separate from 0, and which they cannot (of the
+    final metric, or of ``rows``: one iteration's, see :func:`at_iteration_section`)."""
     base = summary["baseline"]
     if len(summary["seeds"]) < 2:
         return ("One seed per variant: no standard deviation and no intervals, so the differences to "
                 f"{base} are single observations that cannot be told apart from seed-to-seed noise.")
     apart, together, missing = [], [], []
-    for name, row in summary["variants"].items():
+    for name, row in (rows if rows is not None else summary["variants"]).items():
         diff = row["diff_to_baseline"]
         if name == base:
             continue
@@ -169,6 +170,22 @@ def selection_section(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def at_iteration_section(summary: dict[str, Any]) -> list[str]:
+    """The metric at each iteration the study file names in ``report_at`` (e.g. after one epoch)."""
+    m, base, lines = study_metric(summary), summary["baseline"], []
+    for it, rows in summary.get("at_iterations", {}).items():
+        lines += [f"## Val {m.label} at iteration {it}", "",
+                  f"| variant | val {m.label} % (mean ± std) | 95% CI | Δ vs {base} (paired) | 95% CI of Δ |",
+                  "|---|---|---|---|---|"]
+        for name, row in rows.items():
+            est, diff = row[m.key], row["diff_to_baseline"]
+            lines.append(f"| {name} | {_mean_std(est)} | {interval(est and est['ci95'])} "
+                         f"| {'baseline' if name == base else _mean_std(diff, signed=True)} "
+                         f"| {'' if name == base else interval(diff and diff['ci95'], signed=True)} |")
+        lines += ["", verdict(summary, rows), ""]
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
     threshold, m = summary["convergence_threshold"], study_metric(summary)
     opts = " ".join(summary["opts"]) or "none"
@@ -186,6 +203,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         verdict(summary),
         "",
+        *at_iteration_section(summary),
         "## Figures",
         "",
     ]

@@ -172,7 +172,7 @@ def run_all(
     passed_on = 0
     with _Stop() as stop:
         try:
-            while pending or running:
+            while running or (pending and not stop.count):  # after a stop, the pending runs never start
                 if stop.count > passed_on:  # pass each stop request on to every running child, once
                     for child in running.values():
                         child.proc.send_signal(signal.SIGINT)
