@@ -1,7 +1,22 @@
 """seg.models.cifar: the reference's CIFAR VGG/ResNet, checked layer by layer against lists written by hand
-from github.com/yechengxi/deconvolution (main.py, models/vgg.py, models/resnet.py) and against torchvision."""
+from github.com/yechengxi/deconvolution (main.py, models/vgg.py, models/resnet.py) and against torchvision; the
+rest of Table 1 (seg.models.cifar_zoo) against layer tables generated from the reference's own models.
+
+``tests/data/cifar_zoo_reference_layers.csv`` and ``cifar_zoo_reference_params.csv`` were generated once
+(2026-12-06, torch of this venv) by a throwaway script outside the repository that imported the reference's
+``models/*.py`` (commit at HEAD of github.com/yechengxi/deconvolution), built each network with ``deconv=None``
+(norm ``bn``) and with ``deconv=partial(FastDeconv, bias=True, eps=1e-5, n_iter=5, block=64, sampling_stride=3)``
+plus ``delinear=partial(Delinear, block=512, eps=1e-5, n_iter=5)`` (norm ``deconv``: main.py with its defaults
+and ``--block-fc 512``), swapped the reference layers' forward for a plain conv/linear with the same weights,
+ran one 1x3x32x32 batch in eval mode and wrote every Conv2d/FastDeconv/BatchNorm2d/Linear/Delinear call in
+execution order, with the reference layer's own attributes (its ``sampling_stride`` divided by the conv's
+stride, since it stores the product), and the parameter count of each model.
+"""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +24,17 @@ import torch.nn as nn
 import torchvision
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from seg.config import DeconvConfig, ModelConfig, load_config
+from seg.models import build_model
 from seg.models.cifar import CIFAR_ARCHS, build_cifar_model
-from seg.nn import ChannelDeconv, Delinear, FastDeconv
+from seg.nn import ChannelDeconv, Delinear, FastDeconv, IterNorm
 
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")
+# The rest of the paper's Table 1, in its order.
+ZOO = ("preact_resnet18", "densenet121", "resnext29_32x4d", "mobilenetv2", "dpn92", "pnasnet_a", "pnasnet_b",
+       "senet18", "efficientnet_b0")
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _deconv_layers(model: nn.Module) -> list[tuple]:
@@ -279,4 +301,186 @@ def test_unknown_names():
         build_cifar_model("vgg11", 10, "bn", block_fc=8, fc_whitening="iternorm")
     with pytest.raises(ValueError, match="block_fc"):
         build_cifar_model("vgg11", 10, "bn", block_fc=-1)
-    assert set(CIFAR_ARCHS) == set(ARCHS)
+    assert list(CIFAR_ARCHS) == list(ARCHS + ZOO)
+
+
+# --- the rest of Table 1 (seg.models.cifar_zoo) against the reference's layer tables ----------------------
+
+
+def _reference_layers() -> dict[tuple[str, str], list[list[str]]]:
+    table: dict[tuple[str, str], list[list[str]]] = {}
+    with open(DATA / "cifar_zoo_reference_layers.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            fields = list(row.values())[3:]  # after arch, norm, index (rows are in execution order)
+            table.setdefault((row["arch"], row["norm"]), []).append(fields)
+    return table
+
+
+def _reference_params() -> dict[tuple[str, str], int]:
+    with open(DATA / "cifar_zoo_reference_params.csv", newline="") as f:
+        return {(r["arch"], r["norm"]): int(r["params"]) for r in csv.DictReader(f)}
+
+
+REFERENCE_LAYERS = _reference_layers()
+REFERENCE_PARAMS = _reference_params()
+
+
+def _signature_row(m: nn.Module, out: torch.Tensor) -> list[str]:
+    """The table's columns: kind, in, out, kernel, stride, padding, groups, bias, block, sampling_stride, n_iter,
+    freeze, whitening matrix shape, output height."""
+    size = out.shape[2] if out.dim() == 4 else 0
+    if isinstance(m, FastDeconv):
+        row = ["deconv", m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.groups,
+               int(m.bias is not None), m.block, m.sampling_stride, m.n_iter, int(m.freeze),
+               "x".join(map(str, m.running_deconv.shape)), size]
+    elif isinstance(m, nn.Conv2d):
+        row = ["conv", m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.groups,
+               int(m.bias is not None), "", "", "", "", "", size]
+    elif isinstance(m, nn.BatchNorm2d):
+        row = ["bn", m.num_features, m.num_features, "", "", "", "", 1, "", "", "", "", "", size]
+    elif isinstance(m, Delinear):
+        row = ["delinear", m.in_features, m.out_features, "", "", "", "", int(m.bias is not None), m.block, "",
+               m.n_iter, "", "x".join(map(str, m.running_deconv.shape)), 0]
+    else:
+        row = ["linear", m.in_features, m.out_features, "", "", "", "", int(m.bias is not None), "", "", "", "",
+               "", 0]
+    return [str(v) for v in row]
+
+
+def _execution_signature(model: nn.Module) -> list[list[str]]:
+    rows: list[list[str]] = []
+    kinds = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, Delinear)
+    hooks = [m.register_forward_hook(lambda m, i, o: rows.append(_signature_row(m, o)))
+             for m in model.modules() if isinstance(m, kinds)]
+    model.eval()  # running statistics: no whitening to compute, the same layers run
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+@pytest.mark.parametrize("norm", ["bn", "deconv"])
+@pytest.mark.parametrize("arch", ZOO)
+def test_zoo_layers_match_the_reference(arch, norm):
+    # norm deconv at the reference's defaults with --block-fc 512 (a Delinear classifier), bn with a Linear
+    model = build_cifar_model(arch, 10, norm, block_fc=512 if norm == "deconv" else 0)
+    expected = REFERENCE_LAYERS[(arch, norm)]
+    got = _execution_signature(model)
+    assert len(got) == len(expected)
+    for i, (ours, ref) in enumerate(zip(got, expected)):
+        assert ours == ref, f"layer {i} of {arch} ({norm})"
+    # every conv and norm of the model ran (no unused layers), and nothing else whitens
+    used = sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, Delinear)) for m in model.modules())
+    assert used == len(got)
+    assert not any(isinstance(m, (ChannelDeconv, nn.GroupNorm)) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ZOO)
+def test_zoo_parameter_counts_equal_the_reference(arch):
+    bn = sum(p.numel() for p in build_cifar_model(arch, 10, "bn").parameters())
+    deconv = sum(p.numel() for p in build_cifar_model(arch, 10, "deconv", block_fc=512).parameters())
+    # PreAct-ResNet-18: the reference's bn model also holds a BatchNorm2d(64) its forward never calls
+    # (models/preact_resnet.py: PreActResNet.bn1), left out here.
+    unused = 2 * 64 if arch == "preact_resnet18" else 0
+    assert bn == REFERENCE_PARAMS[(arch, "bn")] - unused
+    assert deconv == REFERENCE_PARAMS[(arch, "deconv")]
+
+
+def test_zoo_deconv_settings_are_passed_on_except_where_the_reference_pins_them():
+    model = build_cifar_model("mobilenetv2", 10, "deconv", block=16, sampling_stride=2, n_iter=7, eps=1e-3,
+                              momentum=0.2, bias=False, sync=True)
+    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, FastDeconv))
+    assert all(m.sampling_stride == 2 and m.eps == 1e-3 and m.momentum == 0.2 and m.sync for m in layers.values())
+    # models/mobilenetv2.py pins bias=True and the stem's freeze/n_iter=10, the depthwise n_iter=1 and the
+    # projection's block=in_planes, n_iter=1; the expansion conv takes the run's block and n_iter
+    assert all(m.bias is not None for m in layers.values())
+    assert (layers["conv1"].freeze, layers["conv1"].n_iter) == (True, 10)
+    assert (layers["layers.1.conv1"].block, layers["layers.1.conv1"].n_iter) == (16, 7)
+    assert (layers["layers.1.conv2"].groups, layers["layers.1.conv2"].block, layers["layers.1.conv2"].n_iter) == (
+        96, 1, 1)
+    assert (layers["layers.1.conv3"].block, layers["layers.1.conv3"].n_iter) == (16, 1)
+    # where the reference leaves the bias to --bias (DenseNet; SENet's SE convs), bias=False removes it
+    dense = build_cifar_model("densenet121", 10, "deconv", bias=False)
+    assert all(m.bias is None for m in dense.modules() if isinstance(m, FastDeconv))
+    se = build_cifar_model("senet18", 10, "deconv", bias=False)
+    assert se.layer1[0].fc1.bias is None and se.layer1[0].conv1.bias is not None
+
+
+# The map (or vector) the reference's ChannelDeconv whitens (models/*.py forward, read by hand): after the last
+# stage for most; DenseNet after its final norm and ReLU; EfficientNet the flattened 1x1 map.
+CHANNEL_DECONV_INPUT = {
+    "preact_resnet18": (512, 4, 4), "densenet121": (1024, 4, 4), "resnext29_32x4d": (1024, 8, 8),
+    "mobilenetv2": (1280, 4, 4), "dpn92": (2560, 4, 4), "pnasnet_a": (176, 8, 8), "pnasnet_b": (128, 8, 8),
+    "senet18": (512, 4, 4), "efficientnet_b0": (320,),
+}
+
+
+@pytest.mark.parametrize("arch", ZOO)
+def test_zoo_channel_deconv_sits_where_the_reference_puts_it(arch):
+    model = build_cifar_model(arch, 10, "bn", block_fc=16, fc_whitening="channel_deconv").eval()
+    assert isinstance(model.channel_deconv, ChannelDeconv) and type(list(model.children())[-1]) is nn.Linear
+    seen = []
+    model.channel_deconv.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert [tuple(x.shape[1:]) for x in seen] == [CHANNEL_DECONV_INPUT[arch]]
+    if arch == "densenet121":
+        assert (seen[0] >= 0).all()  # after the final ReLU
+
+
+def test_efficientnet_deconv_keeps_the_reference_batchnorm():
+    # models/efficientnet.py builds its blocks with deconv=None: only the stem deconvolves
+    model = build_model(ModelConfig(arch="efficientnet_b0", num_classes=10, norm="deconv", block_fc=512))
+    deconvs = [n for n, m in model.named_modules() if isinstance(m, FastDeconv)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert deconvs == ["conv1"] and model.conv1.freeze and len(norms) == 50
+    assert isinstance(model.classifier, Delinear) and model.classifier.block == 320
+
+
+# --- forward / backward of every Table 1 network under every norm ---------------------------------------
+
+OTHER_NORMS = {"gn": nn.GroupNorm, "iternorm": IterNorm, "channel_deconv": ChannelDeconv, "none": None}
+
+
+def _zoo_cases() -> list:
+    """By default (about 4 s on one idle core): deconv for every network but DPN-92 (4 s alone), every norm for
+    MobileNetV2; the whole matrix (9 networks x 6 norms, about 30 s) under ``-m slow``."""
+    cases = []
+    for arch in ZOO:
+        for norm in ("bn", "deconv", *OTHER_NORMS):
+            fast = (norm == "deconv" and arch != "dpn92") or arch == "mobilenetv2"
+            cases.append(pytest.param(arch, norm, marks=() if fast else pytest.mark.slow, id=f"{arch}-{norm}"))
+    return cases
+
+
+@pytest.mark.parametrize(("arch", "norm"), _zoo_cases())
+def test_zoo_forward_backward(arch, norm):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, num_classes=7, norm=norm, deconv=DeconvConfig(block=FAST_BLOCK),
+                      block_fc=16 if norm == "deconv" else 0)
+    model = build_model(cfg)
+    batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if norm not in ("bn", "deconv"):
+        assert not batchnorms and not any(isinstance(m, FastDeconv) for m in model.modules())
+        if OTHER_NORMS[norm] is not None:
+            assert any(isinstance(m, OTHER_NORMS[norm]) for m in model.modules())
+        if norm == "none":
+            assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
+    _check_forward_backward(model, 7)
+
+
+# --- the paper's recipes reach every network ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset,classes", [("cifar10", 10), ("cifar100", 100)])
+@pytest.mark.parametrize("arch", ZOO)
+def test_every_table1_network_has_its_configs(arch, dataset, classes):
+    base = load_config(REPO / "configs" / dataset / "base.yaml")
+    for norm, block_fc in (("bn", 0), ("deconv", 512)):
+        cfg = load_config(REPO / "configs" / dataset / f"{arch}_{norm}.yaml")
+        m = cfg.model
+        assert (m.arch, m.norm, m.block_fc, m.num_classes, m.fc_whitening) == (arch, norm, block_fc, classes,
+                                                                                "delinear")
+        assert cfg.train == base.train and cfg.data == base.data and m.deconv == base.model.deconv
+        assert cfg.work_dir == f"checkpoints/{dataset}/{arch}_{norm}"

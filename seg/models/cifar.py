@@ -1,6 +1,8 @@
 """The CIFAR classifiers of the network deconvolution paper (Ye et al., ICLR 2020), layer for layer.
 
-VGG-11/13/16/19 and ResNet-18/34/50 as the reference builds them (github.com/yechengxi/deconvolution,
+VGG-11/13/16/19 and ResNet-18/34/50 (here), and the rest of the paper's Table 1 (:mod:`seg.models.cifar_zoo`:
+PreAct-ResNet-18, DenseNet-121, ResNeXt-29 32x4d, MobileNetV2, DPN-92, PNASNet-A/B, SENet-18, EfficientNet-B0),
+as the reference builds them (github.com/yechengxi/deconvolution,
 ``models/vgg.py``, ``models/resnet.py``, assembled by ``main.py``): CIFAR stems (3x3 conv at stride 1, no
 max-pool), 32x32 inputs, and either Conv + BatchNorm (``norm="bn"``) or every conv a ``FastDeconv`` with no
 BatchNorm (``norm="deconv"``).
@@ -32,6 +34,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from seg.models.cifar_zoo import ZOO_ARCHS
 from seg.nn import ChannelDeconv, Delinear, FastDeconv
 
 __all__ = [
@@ -299,6 +302,8 @@ CIFAR_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet("resnet18", BasicBlock, (2, 2, 2, 2)),
     "resnet34": _resnet("resnet34", BasicBlock, (3, 4, 6, 3)),
     "resnet50": _resnet("resnet50", Bottleneck, (3, 4, 6, 3)),
+    # seg.models.cifar_zoo: builders (num_classes, *, deconv, classifier_layer), see build_cifar_model.
+    **ZOO_ARCHS,
 }
 
 
@@ -320,10 +325,12 @@ def build_cifar_model(
     """A CIFAR classifier as the reference's ``main.py`` builds it. Defaults are the reference's CLI defaults.
 
     Args:
-        arch: one of ``CIFAR_ARCHS`` (vgg11, vgg13, vgg16, vgg19, resnet18, resnet34, resnet50).
+        arch: one of ``CIFAR_ARCHS`` (vgg11, vgg13, vgg16, vgg19, resnet18, resnet34, resnet50 and the
+            ``seg.models.cifar_zoo`` networks).
         num_classes: outputs (10 for CIFAR-10, 100 for CIFAR-100).
         norm: ``bn`` (Conv + BatchNorm; ResNet convs without bias, VGG convs with, as the reference) or
-            ``deconv`` (every conv a ``FastDeconv``, no BatchNorm).
+            ``deconv`` (every conv a ``FastDeconv``, no BatchNorm; the ``cifar_zoo`` networks pin some
+            settings per layer as the reference does, and EfficientNet-B0 keeps its blocks' BatchNorm).
         block, sampling_stride, n_iter, eps, momentum, bias: the ``FastDeconv`` settings of every conv
             (``--block``, ``--stride``, ``--deconv-iter``, ``--eps``, ``--bias``; the reference leaves momentum
             at 0.1). VGG's first conv gets ``freeze=True`` and ``n_iter=STEM_N_ITER`` instead of ``n_iter``.
@@ -352,10 +359,13 @@ def build_cifar_model(
 
     is_vgg = arch.startswith("vgg")
     layers: dict[str, object] = {}
-    if norm == "deconv":
-        # main.py:34: partial(FastDeconv, bias, eps, n_iter, block, sampling_stride); momentum at its default.
-        deconv = partial(FastDeconv, bias=bias, eps=eps, n_iter=n_iter, momentum=momentum, block=block,
-                         sampling_stride=sampling_stride, sync=sync)
+    # main.py:34: partial(FastDeconv, bias, eps, n_iter, block, sampling_stride); momentum at its default.
+    deconv = partial(FastDeconv, bias=bias, eps=eps, n_iter=n_iter, momentum=momentum, block=block,
+                     sampling_stride=sampling_stride, sync=sync)
+    if arch in ZOO_ARCHS:
+        # These take the reference's own ``deconv`` argument: None for the BatchNorm model.
+        layers["deconv"] = deconv if norm == "deconv" else None
+    elif norm == "deconv":
         layers.update(conv_layer=deconv, norm_layer=None)
         if is_vgg:
             layers["stem_layer"] = partial(deconv, freeze=True, n_iter=STEM_N_ITER)

@@ -2,8 +2,10 @@
 
 ``model.arch`` chooses the family (every classifier's ``forward(x)`` returns logits N x ``num_classes``):
 
-* a CIFAR architecture of the paper (:data:`seg.models.cifar.CIFAR_ARCHS`: vgg11/13/16/19, resnet18/34/50),
-  built layer for layer as the reference's ``main.py`` does (:func:`seg.models.cifar.build_cifar_model`).
+* a CIFAR architecture of the paper (:data:`seg.models.cifar.CIFAR_ARCHS`: vgg11/13/16/19, resnet18/34/50 and
+  the rest of Table 1: preact_resnet18, densenet121, resnext29_32x4d, mobilenetv2, dpn92, pnasnet_a/b, senet18,
+  efficientnet_b0), built layer for layer as the reference's ``main.py`` does
+  (:func:`seg.models.cifar.build_cifar_model`).
   ``norm: deconv`` and ``bn`` are the reference's models; every other ``model.norm`` replaces the BatchNorm
   layers of the ``bn`` model through the same :data:`seg.models.build.NORMS` appliers segmentation uses.
   ``model.block_fc`` / ``model.fc_whitening`` give the reference's classifier whitening.
@@ -78,8 +80,13 @@ def _cifar(cfg: ModelConfig, sync: bool) -> nn.Module:
                                   block_fc=cfg.block_fc, fc_whitening=cfg.fc_whitening)
     except ValueError as e:  # e.g. a ChannelDeconv block larger than the features it whitens
         raise ConfigError(f"model.arch={cfg.arch!r} with model.block_fc={cfg.block_fc}: {e}") from e
-    # deconv is the reference's own model; every other norm replaces the BatchNorm layers of the bn model.
-    return model if norm == "deconv" else NORMS[cfg.norm](model, cfg, sync)
+    if norm == "deconv":
+        # The reference's own model. Where it keeps BatchNorm layers (EfficientNet-B0's blocks) they normalise
+        # as a bn model's do (SyncBatchNorm when the statistics sync on CUDA).
+        keeps_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return NORMS["bn"](model, cfg, sync) if keeps_bn else model
+    # Every other norm replaces the BatchNorm layers of the bn model.
+    return NORMS[cfg.norm](model, cfg, sync)
 
 
 def _library_model(cfg: ModelConfig) -> nn.Module:
