@@ -363,9 +363,8 @@ class FastDeconv(nn.Conv2d):
 
     def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
         """``running ← (1 − m)·running + m·batch`` for both statistics (one fused launch where dtypes agree)."""
-        g = mean.shape[0]
-        running = [self.running_mean.view(g, self.num_features),
-                   self.running_deconv.view(g, self.num_features, self.num_features)]
+        running = [buf if buf.shape == value.shape else buf.view(value.shape)
+                   for buf, value in ((self.running_mean, mean), (self.running_deconv, deconv))]
         with torch.no_grad():
             if mean.dtype == deconv.dtype == running[0].dtype == running[1].dtype:
                 torch._foreach_lerp_(running, [mean, deconv], self.momentum)
@@ -405,11 +404,13 @@ class FastDeconv(nn.Conv2d):
         w = self.weight.to(dtype)
         out_c, nf = self.out_channels, self.num_features
         bias = None if self.bias is None else self.bias.to(dtype)
+        if self.groups == 1 and deconv.dim() == 3:
+            deconv, mean = deconv[0], mean[0]
         if self.groups == 1 and scale is None and bias is not None:
             # The default: weight and bias folded in one Function.
-            return _InterleavedFold.apply(w, deconv[0], mean[0], self.in_channels // self.block, bias)
+            return _InterleavedFold.apply(w, deconv, mean, self.in_channels // self.block, bias)
         if self.groups == 1:
-            wf, shift = _InterleavedFold.apply(w, deconv[0], mean[0], self.in_channels // self.block)
+            wf, shift = _InterleavedFold.apply(w, deconv, mean, self.in_channels // self.block)
         else:
             # Grouped convs: one matrix per conv group, no interleaving.
             wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv

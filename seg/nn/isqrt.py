@@ -7,8 +7,10 @@ Two exact forms of the same function:
 * ``eigh``: every iterate is a polynomial in ``B = A/‖A‖_F``, so ``D = q(B)/√‖A‖_F`` where ``q`` is the scalar
   Newton–Schulz recursion applied to each eigenvalue of ``B``. One ``eigh`` gives the forward pass; the
   backward pass uses the Daleckii–Krein formula with divided differences of ``q`` (in float64, derivatives
-  where eigenvalues coincide). Same D, same gradient, and on
-  CPUs several times cheaper than 3·n_iter dense matmuls and their backward.
+  where eigenvalues coincide, from a complex-step evaluation of the recursion). Same D, same gradient, and on
+  CPUs several times cheaper than 3·n_iter dense matmuls and their backward. Every quantity the backward
+  pass needs is prepared in the forward pass, so that the backward pass is five products and a few
+  elementwise operations.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def isqrt_newton_schulz(a: torch.Tensor, n_iter: int) -> torch.Tensor:
     return z / norm.sqrt()
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for matrices or batches of them, as one ``mm``/``bmm`` (``matmul`` on batches adds views)."""
+    return torch.bmm(a, b) if a.dim() == 3 else torch.matmul(a, b)
+
+
 def isqrt_newton_schulz_fast(a: torch.Tensor, n_iter: int) -> torch.Tensor:
     """:func:`isqrt_newton_schulz` with 3·(n_iter − 1) matrix products instead of 3·n_iter.
 
@@ -45,84 +52,86 @@ def isqrt_newton_schulz_fast(a: torch.Tensor, n_iter: int) -> torch.Tensor:
     """
     norm = torch.linalg.matrix_norm(a, keepdim=True)
     p = a / norm
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).mul_(1.5)
     z: torch.Tensor | None = None
     for k in range(n_iter):
-        t = 0.5 * (3.0 * eye - p)
-        z = t if z is None else t @ z
+        t = torch.add(eye, p, alpha=-0.5)  # ½(3I − P)
+        z = t if z is None else _mm(t, z)
         if k < n_iter - 1:
-            p = t @ p @ t
+            p = _mm(_mm(t, p), t)
     assert z is not None  # n_iter >= 1
-    return z / norm.sqrt()
+    return z * norm.rsqrt()
+
+
+# The imaginary step of the complex-step derivative: q(λ + ih) = q(λ) + ih·q'(λ) + O(h²), exact to rounding
+# for a polynomial evaluated in complex128 (no difference quotient, so no cancellation).
+_STEP = 1e-30
 
 
 def _scalar_newton_schulz(lam: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """q(λ): the Newton–Schulz recursion on scalars (``y = λ, z = 1``), elementwise."""
-    y, z = lam, torch.ones_like(lam)
-    for _ in range(n_iter):
-        t = 0.5 * (3.0 - z * y)
-        y, z = y * t, t * z
+    """q(λ) + ih·q'(λ) (complex128): the Newton–Schulz recursion on scalars (``y = λ, z = 1``, then
+    ``t = ½(3 − zy); y ← yt; z ← tz``), elementwise, at ``λ + ih``."""
+    y = lam.to(torch.complex128).add_(_STEP * 1j)
+    t = torch.rsub(y, 1.5, alpha=0.5)  # the first step: z = 1
+    z, y = t, y * t
+    half3 = torch.full_like(t, 1.5)
+    for k in range(1, n_iter):
+        t = torch.addcmul(half3, z, y, value=-0.5)
+        z = z * t
+        if k < n_iter - 1:
+            y = y * t
     return z
 
 
-def _scalar_newton_schulz_with_derivative(lam: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q(λ) and q'(λ), carrying the derivative through the recursion (forward mode)."""
-    y, z = lam, torch.ones_like(lam)
-    dy, dz = torch.ones_like(lam), torch.zeros_like(lam)
-    for _ in range(n_iter):
-        t = 0.5 * (3.0 - z * y)
-        dt = -0.5 * (dz * y + z * dy)
-        y, dy = y * t, dy * t + y * dt
-        z, dz = t * z, dt * z + t * dz
-    return z, dz
+def _divided_differences(lam: torch.Tensor, qz: torch.Tensor) -> torch.Tensor:
+    """``K_ij = (q(λ_i) − q(λ_j)) / (λ_i − λ_j)``, and the mean of ``q'(λ_i)``, ``q'(λ_j)`` where ``λ_i ≈ λ_j``
+    (float64; ``qz = q + ih·q'`` from :func:`_scalar_newton_schulz`).
 
-
-def _divided_differences(lam: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """``K_ij = (q(λ_i) − q(λ_j)) / (λ_i − λ_j)``, and ``q'`` where ``λ_i ≈ λ_j``.
-
-    Computed in float64 whatever the input dtype: the cancellation error is then about 1e-16/δ relative
-    for a relative gap δ, and pairs closer than δ = 1e-7 take the mean derivative, whose error is O(δ²).
+    ``qz_i − conj(qz_j)`` holds both ``q_i − q_j`` and ``h·(q'_i + q'_j)``. The cancellation error of the quotient
+    is about 1e-16/δ relative for a relative gap δ; pairs closer than δ = 1e-7 take the mean derivative, whose
+    error is O(δ²).
     """
     lam64 = lam.double()
-    q, dq = _scalar_newton_schulz_with_derivative(lam64, n_iter)
     gap = lam64.unsqueeze(-1) - lam64.unsqueeze(-2)
-    scale = torch.maximum(lam64.abs().unsqueeze(-1), lam64.abs().unsqueeze(-2)).clamp_min(1e-30)
-    close = gap.abs() <= 1e-7 * scale
-    slope = (q.unsqueeze(-1) - q.unsqueeze(-2)) / torch.where(close, torch.ones_like(gap), gap)
-    mean_derivative = 0.5 * (dq.unsqueeze(-1) + dq.unsqueeze(-2))
-    return torch.where(close, mean_derivative, slope).to(lam.dtype)
+    size = lam64.abs()
+    close = gap.abs() <= 1e-7 * (size.unsqueeze(-1) + size.unsqueeze(-2))
+    pair = torch.view_as_real(qz.unsqueeze(-1) - qz.conj().unsqueeze(-2))
+    slope = pair[..., 0] / torch.where(close, 1.0, gap)
+    return torch.where(close, pair[..., 1] * (0.5 / _STEP), slope)
 
 
 class _IsqrtEigh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, n_iter: int) -> torch.Tensor:  # type: ignore[override]
-        c = torch.linalg.matrix_norm(a, keepdim=True)
-        lam, vec = torch.linalg.eigh(a / c)
-        f = (vec * _scalar_newton_schulz(lam, n_iter).unsqueeze(-2)) @ vec.transpose(-1, -2)  # q(B)
-        # Only the eigendecomposition is kept: the backward pass works in its basis, where A and q(B) are
-        # diagonal (two fewer n×n matrices per layer held until the backward pass).
-        ctx.save_for_backward(c, lam, vec)
-        ctx.n_iter = n_iter
-        return f / c.sqrt()
+        # D = V·diag(φ)·Vᵀ with φ = q(λ)/√c, where μ, V are the eigenpairs of A, c = ‖A‖_F = ‖μ‖ and λ = μ/c the
+        # eigenvalues of B = A/c.
+        mu, vec = torch.linalg.eigh(a)
+        c = torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
+        lam = mu / c
+        qz = _scalar_newton_schulz(lam, n_iter)
+        q_dq = torch.view_as_real(qz)  # (..., 2): q and h·q'
+        rc = c.rsqrt()
+        phi = q_dq[..., 0].to(a.dtype) * rc
+        out = _mm(vec * phi.unsqueeze(-2), vec.mT)
+        if ctx.needs_input_grad[0]:
+            # Everything the backward pass needs, in the eigenbasis (no n×n matrix beyond V and K kept):
+            # the divided differences K of q and slope_c = λ·q' + ½q (∂φ/∂c = −slope_c/c^{3/2}).
+            k = _divided_differences(lam, qz).to(a.dtype)
+            slope_c = torch.addcmul(q_dq[..., 0] * 0.5, lam, q_dq[..., 1], value=1.0 / _STEP).to(a.dtype)
+            ctx.save_for_backward(vec, lam, k, slope_c, rc / c)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        c, lam, vec = ctx.saved_tensors
-        vt = vec.transpose(-1, -2)
-        rc = c.rsqrt()
-        # D = q(B)/√c with B = A/c and c = ‖A‖_F. In the eigenbasis (M = Vᵀ·G·V): the gradient with respect to B
-        # is K ∘ M/√c (Daleckii–Krein), and the terms of c need only diagonals, as A = c·V·Λ·Vᵀ and
-        # q(B) = V·q(Λ)·Vᵀ: ⟨G, q(B)⟩ = Σ q(λ)·diag(M) and ⟨∂B, A⟩ = c·Σ λ·diag(K ∘ M)/√c.
-        m = vt @ grad @ vec
-        g_b = _divided_differences(lam, ctx.n_iter) * m * rc
-        diag_m = m.diagonal(dim1=-2, dim2=-1)
-        q = _scalar_newton_schulz(lam, ctx.n_iter)
-        g_c = (-0.5 * (q * diag_m).sum(-1) * rc[..., 0, 0] / c[..., 0, 0]
-               - (lam * g_b.diagonal(dim1=-2, dim2=-1)).sum(-1) / c[..., 0, 0])
-        # ∂A = ∂B/c + g_c·A/c, with A/c = V·Λ·Vᵀ: one change of basis back for both terms.
-        inner = g_b / c
-        inner.diagonal(dim1=-2, dim2=-1).add_(g_c.unsqueeze(-1) * lam)
-        return vec @ inner @ vt, None
+        vec, lam, k, slope_c, rc3 = ctx.saved_tensors
+        # In the eigenbasis (M = Vᵀ·G·V, G as it is, not its symmetric part, as autograd): for fixed c the
+        # Daleckii–Krein term K ∘ M/c^{3/2}; c = ‖A‖_F adds s·A/c = s·V·diag(λ)·Vᵀ with
+        # s = Σ_i M_ii·∂φ_i/∂c = −Σ_i M_ii·slope_c_i/c^{3/2}. One change of basis back for both.
+        m = _mm(_mm(vec.mT, grad), vec)
+        s = torch.linalg.vecdot(m.diagonal(dim1=-2, dim2=-1), slope_c).unsqueeze(-1)
+        inner = k * m
+        inner.diagonal(dim1=-2, dim2=-1).addcmul_(s, lam, value=-1.0)
+        return _mm(_mm(vec, inner * rc3.unsqueeze(-1)), vec.mT), None
 
 
 def isqrt_eigh(a: torch.Tensor, n_iter: int) -> torch.Tensor:

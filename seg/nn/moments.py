@@ -84,8 +84,9 @@ class PatchSampler:
         return padded.as_strided((c, kh, kw, n, *self._grid(h, w)), (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3),
                                  padded.storage_offset())
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(G, nf, M)`` tensor (ours to modify)."""
+    def gather(self, x: torch.Tensor, squeeze: bool = False) -> torch.Tensor:
+        """The samples of ``x (N, C, H, W)`` as a new contiguous ``(G, nf, M)`` tensor (ours to modify);
+        ``squeeze``: ``(nf, M)`` where there is one matrix."""
         g = self._matrices(x.shape[1])
         if self.kernel == (1, 1):
             samples = self._pixels(x)
@@ -93,6 +94,8 @@ class PatchSampler:
             ph, pw = self.padding
             padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
             samples = self._patches(padded, *x.shape[-2:]).clone(memory_format=torch.contiguous_format)
+        if squeeze and g == 1:
+            return samples.view(self.num_features, -1)
         return samples.view(g, self.num_features, -1)
 
     def _pixel_layout(self, shape: torch.Size) -> tuple[int, int] | None:
@@ -161,8 +164,10 @@ class _SampledMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool, second_grad: bool,
                 eps: float | None, shift: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        c = sampler.gather(x)
-        g, nf, m = c.shape
+        # The covariance form (eps given) of one matrix works on 2-D tensors: (nf, M) samples, (nf, nf) result.
+        c = sampler.gather(x, squeeze=eps is not None and not sync)
+        nf, m = c.shape[-2:]
+        g = c.shape[0] if c.dim() == 3 else 1
         delta = None
         if sync:
             mean, second, count, delta = _synced_moments(c, full, shift)
@@ -172,9 +177,11 @@ class _SampledMoments(torch.autograd.Function):
             mean = c.mean(-1, keepdim=True)
             c.sub_(mean)  # centred in place: the gathered samples are a copy of our own
             count = float(m)
-            if full:
-                second = torch.bmm(c, c.mT) if eps is None else torch.baddbmm(
-                    scaled_eye(nf, eps, c.dtype, c.device), c, c.mT, alpha=1.0 / m)
+            if full and eps is None:
+                second = torch.bmm(c, c.mT)
+            elif full:
+                product = torch.addmm if c.dim() == 2 else torch.baddbmm
+                second = product(scaled_eye(nf, eps, c.dtype, c.device), c, c.mT, alpha=1.0 / m)
             else:
                 second = c.pow(2).sum((1, 2))
         if sync and eps is not None:
@@ -189,7 +196,7 @@ class _SampledMoments(torch.autograd.Function):
         constant = [] if second_grad else [second]
         if eps is not None:
             ctx.mark_non_differentiable(*constant)
-            return mean.view(g, nf), second
+            return mean.view(mean.shape[:-1]), second
         count_out = count if isinstance(count, torch.Tensor) else c.new_full((), count)
         ctx.mark_non_differentiable(count_out, *constant)
         return mean.view(g, nf), second, count_out
@@ -222,10 +229,11 @@ class _SampledMoments(torch.autograd.Function):
             if delta is not None:
                 # Synced: the local samples were centred about their own mean; x − μ = c + δ.
                 per_sample = per_sample + (left @ delta) * alpha
+            product = torch.addmm if c.dim() == 2 else torch.baddbmm
             if isinstance(alpha, torch.Tensor):
-                grad_c = torch.baddbmm(per_sample, left * alpha, c)
+                grad_c = product(per_sample, left * alpha, c)
             else:
-                grad_c = torch.baddbmm(per_sample, left, c, alpha=alpha)
+                grad_c = product(per_sample, left, c, alpha=alpha)
         else:
             centred = c if delta is None else c + delta
             grad_c = torch.addcmul(per_sample, centred, (2.0 * grad_second).view(-1, 1, 1))
@@ -281,5 +289,6 @@ def sampled_covariance(x: torch.Tensor, sampler: PatchSampler, eps: float, sync:
                        second_grad: bool = True, shift: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``(G, nf)`` and covariance ``Σ (s − μ)(s − μ)ᵀ / N + eps·I`` ``(G, nf, nf)`` of the sampled patches,
-    as :func:`sampled_moments` (the division and ``eps`` inside the same product)."""
+    as :func:`sampled_moments` (the division and ``eps`` inside the same product). Without ``sync`` and with one
+    matrix (``G = 1``) the shapes are ``(nf,)`` and ``(nf, nf)``."""
     return _SampledMoments.apply(x, sampler, True, sync, second_grad, eps, shift)
