@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: install test lint demo clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
+	@echo "[demo 1/6] installing torch and the project into $(VENV) (first time only, about 1.5 minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install $(TORCH_PINS)

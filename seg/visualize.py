@@ -40,3 +40,26 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     if left.shape != right.shape:
         raise ValueError(f"side_by_side needs equal shapes, got {left.shape} and {right.shape}")
     return np.concatenate([left, right], axis=1)
+
+
+TITLE_HEIGHT = 22  # pixels of the caption strip above each panel
+GAP = 4  # pixels of white between panels
+
+
+def titled_row(images: list[np.ndarray], titles: list[str]) -> np.ndarray:
+    """H,W,3 images of one size in a row, each under its caption (white strip, black text), white gaps between:
+    e.g. input | ground truth | prediction for a person to compare at a glance."""
+    import cv2  # on use: the drawing needs OpenCV, colorize/overlay do not
+
+    if not images or len(images) != len(titles):
+        raise ValueError(f"titled_row needs one title per image, got {len(images)} images and {len(titles)} titles")
+    shape = images[0].shape
+    if any(im.shape != shape for im in images) or len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"titled_row needs H,W,3 images of one shape, got {[im.shape for im in images]}")
+    height, width = shape[:2]
+    row = np.full((height + TITLE_HEIGHT, len(images) * (width + GAP) - GAP, 3), 255, dtype=np.uint8)
+    for k, (image, title) in enumerate(zip(images, titles, strict=True)):
+        x = k * (width + GAP)
+        row[TITLE_HEIGHT:, x:x + width] = image
+        cv2.putText(row, title, (x + 4, TITLE_HEIGHT - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return row

@@ -36,3 +36,20 @@ def test_overlay_blends_at_the_given_opacity():
     with pytest.raises(ValueError):
         overlay(image, color, 1.5)
     assert side_by_side(image, color).shape == (2, 4, 3)
+
+
+def test_titled_row_places_each_image_under_its_caption() -> None:
+    from seg.visualize import GAP, TITLE_HEIGHT, titled_row
+
+    images = [np.full((8, 10, 3), v, dtype=np.uint8) for v in (10, 100, 200)]
+    row = titled_row(images, ["input", "ground truth", "prediction"])
+    assert row.shape == (8 + TITLE_HEIGHT, 3 * 10 + 2 * GAP, 3)
+    for k, v in enumerate((10, 100, 200)):
+        x = k * (10 + GAP)
+        assert (row[TITLE_HEIGHT:, x:x + 10] == v).all()
+    assert (row[TITLE_HEIGHT:, 10:10 + GAP] == 255).all()  # the gap
+    assert (row[:TITLE_HEIGHT] < 255).any()  # some caption text was drawn
+    with pytest.raises(ValueError, match="one title per image"):
+        titled_row(images, ["input"])
+    with pytest.raises(ValueError, match="one shape"):
+        titled_row([images[0], np.zeros((4, 10, 3), np.uint8)], ["a", "b"])
