@@ -21,6 +21,7 @@ from torch import nn
 
 from seg.checkpoint import load_checkpoint
 from seg.config import Config, from_dict
+from seg.data.labels import REFERENCE_NUM_CLASSES, reference_to_train
 from seg.errors import UserError
 from seg.models import model_from_checkpoint
 from seg.nn import fold_deconv
@@ -298,6 +299,9 @@ class Predictor:
     def __call__(self, images: np.ndarray | Sequence[np.ndarray], return_probs: bool = False):
         """TrainId maps (uint8 H,W) for one RGB image or a list; images of different sizes are run separately.
 
+        A model with the paper's 21 outputs (``data.label_mapping: reference``) has its void and unused
+        predictions given as 255 (ignore; black in the palette), its classes as trainIds.
+
         With ``return_probs`` returns ``(maps, probs)`` where probs are float32 C,H,W arrays.
         """
         single = isinstance(images, np.ndarray) and images.ndim == 3
@@ -319,6 +323,8 @@ class Predictor:
                 pred = self.predict_tensor(x)
             for k in range(j - i):
                 maps[i + k] = pred[k].to(torch.uint8).cpu().numpy()
+                if self.num_classes == REFERENCE_NUM_CLASSES:  # the paper's ids: void and unused become 255
+                    maps[i + k] = reference_to_train(maps[i + k])
             i = j
         if single:
             return (maps[0], probs[0]) if return_probs else maps[0]

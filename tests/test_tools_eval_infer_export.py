@@ -285,3 +285,17 @@ def test_paper_checkpoint_on_the_benchmark_config_agrees_with_the_official_evalu
     cm = torch.tensor(report["confusion_matrix"])
     assert cm.shape == (21, 21) and (cm[1:20, 0].sum() + cm[1:20, 20].sum()) > 0  # void predictions happened
     assert abs(100 * report["official"]["miou"] - 100 * report["metrics"]["miou"]) < 0.05
+
+
+def test_infer_with_a_paper_checkpoint_gives_train_ids(config_file, reference_checkpoint, synthetic_root, tmp_path):
+    from seg.data.labels import reference_to_train
+    from seg.inference import Predictor
+
+    image_path = sorted((synthetic_root / "leftImg8bit" / "val").glob("*/*.png"))[0]
+    out = tmp_path / "out"
+    assert infer_tool.main([str(config_file), str(reference_checkpoint), str(image_path), "--out", str(out)]) == 0
+    mask = cv2.imread(str(next(out.rglob("*_mask.png"))), cv2.IMREAD_UNCHANGED)
+    predictor = Predictor.from_checkpoint(reference_checkpoint, device="cpu")
+    rgb = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+    ids = predictor.predict_tensor(predictor.normalize([rgb]))[0].numpy()  # the paper's 21 ids
+    assert np.array_equal(mask, reference_to_train(ids)) and (ids == 0).any()  # void shown as ignore (255)
