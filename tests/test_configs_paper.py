@@ -127,3 +127,50 @@ def test_paper_config_trains_two_iterations_on_cpu(name: str, synthetic_root: Pa
     assert len(last["iou"]) == 19 and len(last["iou_reference"]) == 21
     assert math.isfinite(last["miou_reference"]) and 0 <= last["miou_reference"] <= 1
     assert (tmp_path / "run" / "last.pth").is_file()
+
+
+@pytest.mark.slow
+def test_readme_pretrain_then_segment(synthetic_root: Path, tmp_path: Path) -> None:
+    """README: train configs/imagenet/resnet50_deconv.yaml, then configs/deeplab_deconv.yaml with
+    model.pretrained=<its checkpoint>; the segmentation encoder holds every tensor of the pretrained one."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from seg.checkpoint import load_checkpoint
+    from tools.train import main as train_main
+
+    def train(argv: list[str]) -> None:
+        try:
+            code = train_main([*argv, "--device", "cpu", "--no-progress"])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        assert code == 0
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imagenet"
+    for split, n in (("train", 2), ("val", 1)):
+        for name in ("cat", "dog"):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(n):
+                cv2.imwrite(str(folder / split / name / f"{i}.png"), rng.integers(0, 256, (240, 256, 3), np.uint8))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    train([str(configs / "imagenet" / "resnet50_deconv.yaml"), "--work-dir", str(tmp_path / "pretrain"), "--opts",
+           f"data.root={folder}", "data.num_workers=0", "model.num_classes=2", "train.batch_size=2",
+           "train.iterations=1", "train.val_interval=1", "train.checkpoint_interval=1", "eval.batch_size=2"])
+    pretrained = tmp_path / "pretrain" / "last.pth"
+    encoder_state = {k: v for k, v in load_checkpoint(pretrained)["model"].items() if not k.startswith("fc.")}
+    assert any(k.endswith("downsample.1.running_var") for k in encoder_state)  # the shortcut BatchNorm is in it
+
+    cfg = load_config(configs / "deeplab_deconv.yaml", [f"model.pretrained={pretrained}"])
+    model = build_model(cfg.model)
+    held = model.encoder.state_dict()
+    assert held.keys() == encoder_state.keys()
+    assert all(torch.equal(held[k], v) for k, v in encoder_state.items())
+
+    # The README's command itself, a couple of iterations at a small size on the synthetic set.
+    train([str(configs / "deeplab_deconv.yaml"), "--work-dir", str(tmp_path / "segment"), "--opts",
+           f"model.pretrained={pretrained}", f"data.root={synthetic_root}", "data.num_workers=0",
+           "data.crop_size=[48, 48]", "train.batch_size=2", "train.iterations=2", "train.val_interval=100",
+           "train.checkpoint_interval=2", "train.val_max_images=1"])
+    assert (tmp_path / "segment" / "last.pth").is_file()
