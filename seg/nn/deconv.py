@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from seg.nn.isqrt import METHODS, isqrt
 from seg.nn.moments import PatchSampler, sampled_covariance, sampled_moments
-from seg.nn.sync import all_reduce_sum, sync_active
+from seg.nn.sync import summed_together, sync_active, synced_mean_and_second
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -519,11 +519,6 @@ class FastDeconv(nn.Conv2d):
         return y.to(x.dtype)
 
 
-def _global_sum(t: torch.Tensor, sync: bool) -> torch.Tensor:
-    """``t`` summed over all processes when ``sync`` (differentiable), else ``t``."""
-    return all_reduce_sum(t) if sync else t
-
-
 def in_float32(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` with autocast off and half-precision ``x`` in float32; the result in ``x``'s dtype.
 
@@ -562,11 +557,12 @@ class ChannelDeconv(nn.Module):
         self.register_buffer("running_var", torch.ones(1, 1))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
-    def _track(self, buf: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+    def _track(self, buf: torch.Tensor, value: torch.Tensor, first: torch.Tensor) -> None:
+        """The reference's update: the first batch's value replaces the buffer, then the momentum update
+        (decided on the device: ``first`` is a boolean tensor, never read on the host)."""
         with torch.no_grad():
-            if first:
-                buf.copy_(value.detach())
-            buf.mul_(1 - self.momentum).add_(value.detach(), alpha=self.momentum)
+            buf.copy_(torch.where(first, value, buf))
+            buf.mul_(1 - self.momentum).add_(value, alpha=self.momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return in_float32(self._whiten, x)
@@ -584,16 +580,16 @@ class ChannelDeconv(nn.Module):
             raise ValueError(f"ChannelDeconv block={b} is larger than the {c_all} input channels; use a smaller block")
         s = self.sampling_stride
         sample = s > 1 and h >= s and w >= s
-        first = self.training and int(self.num_batches_tracked) == 0
+        first = self.num_batches_tracked == 0 if self.training else None
 
         sync = self.sync and sync_active()
         x1 = x[:, :c].permute(1, 0, 2, 3).reshape(b, -1)
         x1_s = x1[:, :: s * s] if sample else x1
+        rest = x[:, c:] if c != c_all else None
         if self.training:
-            count1 = _global_sum(x1_s.new_tensor(float(x1_s.shape[1])), sync)
-            mean1 = _global_sum(x1_s.sum(-1, keepdim=True), sync) / count1
+            stats = self._statistics(x1_s, rest, s * s if sample else 1, sync)
+            count1, mean1, second = stats[:3]
             self._track(self.running_mean1, mean1, first)
-            second = _global_sum(x1_s @ x1_s.t(), sync)
             cov = second / count1 + self.eps * torch.eye(b, dtype=x.dtype, device=x.device)
             deconv = isqrt(cov, self.n_iter)
             self._track(self.running_deconv, deconv, first)
@@ -601,14 +597,9 @@ class ChannelDeconv(nn.Module):
             mean1, deconv = self.running_mean1, self.running_deconv
         out = (deconv @ (x1 - mean1)).view(c, n, h, w).permute(1, 0, 2, 3)
 
-        if c != c_all:
-            rest = x[:, c:]
-            flat = rest.reshape(n, -1)
-            flat_s = flat[:, :: s * s] if sample else flat
+        if rest is not None:
             if self.training:
-                count2 = _global_sum(flat_s.new_tensor(float(flat_s.numel())), sync)
-                mean2 = _global_sum(flat_s.sum(), sync) / count2
-                var = _global_sum((flat_s - mean2).pow(2).sum(), sync) / (count2 - 1)  # unbiased, as .var()
+                mean2, var = stats[3:]
                 self._track(self.running_mean2, mean2.view(1, 1), first)
                 self._track(self.running_var, var.view(1, 1), first)
             else:
@@ -618,6 +609,36 @@ class ChannelDeconv(nn.Module):
         if self.training:
             self.num_batches_tracked.add_(1)
         return out.reshape(shape) if len(shape) == 2 else out
+
+    def _statistics(self, x1_s: torch.Tensor, rest: torch.Tensor | None, step: int,
+                    sync: bool) -> tuple[torch.Tensor | float, ...]:
+        """Count, mean ``(b, 1)`` and second moment about zero ``(b, b)`` of the block samples; with ``rest``
+        (the channels beyond the last block), also its sampled scalar mean and unbiased variance. ``sync``: over
+        all processes, every sum in one all-reduce."""
+        n = x1_s.shape[1]
+        flat_s = None if rest is None else rest.reshape(rest.shape[0], -1)[:, ::step]
+        if not sync:
+            out: tuple[torch.Tensor | float, ...] = (float(n), x1_s.sum(-1, keepdim=True) / n, x1_s @ x1_s.t())
+            if flat_s is None:
+                return out
+            mean2 = flat_s.sum() / flat_s.numel()
+            return (*out, mean2, (flat_s - mean2).pow(2).sum() / (flat_s.numel() - 1))  # unbiased, as .var()
+        pieces = [x1_s.new_full((1,), float(n)), x1_s.sum(-1, keepdim=True), x1_s @ x1_s.t()]
+        if flat_s is not None:
+            # The rest's variance about the global mean: sums about the running mean (shared by all processes),
+            # as in seg.nn.sync.synced_mean_and_second.
+            m2 = flat_s.numel()
+            local_mean = flat_s.sum() / max(m2, 1)
+            d = local_mean - self.running_mean2.view(())
+            pieces += [flat_s.new_full((1,), float(m2)), d * m2, (flat_s - local_mean).pow(2).sum() + d * d * m2]
+        total = summed_together(*pieces)
+        count1 = total[0].view(())
+        out = (count1, total[1] / count1, total[2])
+        if flat_s is None:
+            return out
+        count2 = total[3].view(())
+        big_d = total[4] / count2
+        return (*out, big_d + self.running_mean2.view(()), (total[5] - big_d * big_d * count2) / (count2 - 1))
 
 
 class Delinear(nn.Module):
@@ -658,11 +679,17 @@ class Delinear(nn.Module):
         if self.training:
             sync = self.sync and sync_active()
             rows = x.reshape(-1, self.block)
-            count = _global_sum(rows.new_tensor(float(rows.shape[0])), sync)
-            mean = _global_sum(rows.sum(0), sync) / count
-            centred = rows - mean
             eye = torch.eye(self.block, dtype=x.dtype, device=x.device)
-            cov = _global_sum(centred.t() @ centred, sync) / count + self.eps * eye
+            if sync:
+                # Count, sum and second moment in one all-reduce, about the running mean.
+                count, mean, second = synced_mean_and_second(rows.t(), self.running_mean.to(x.dtype).view(-1, 1))
+                mean = mean.view(-1)
+            else:
+                count = float(rows.shape[0])
+                mean = rows.sum(0) / count
+                centred = rows - mean
+                second = centred.t() @ centred
+            cov = second / count + self.eps * eye
             deconv = isqrt(cov, self.n_iter)
             with torch.no_grad():
                 self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from seg.nn.sync import all_reduce_sum, sync_active
+from seg.nn.sync import sync_active, synced_mean_and_second
 
 
 def _positive(name: str, value: Any, kind: type) -> None:
@@ -97,19 +97,17 @@ class IterNorm(nn.Module):
 
     def _whitening(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch mean ``(G, d, 1)`` and whitening matrix ``(G, d, d)`` of ``flat (G, d, m)``."""
-        count = torch.tensor(float(flat.shape[-1]), dtype=flat.dtype, device=flat.device)
-        total = flat.sum(-1, keepdim=True)
-        synced = self.sync and sync_active()
-        if synced:
-            count, total = all_reduce_sum(count), all_reduce_sum(total)
-        elif flat.shape[-1] == 0:
-            raise ValueError("IterNorm received an empty batch: no values to compute statistics from")
-        mean = total / count
-        centred = flat - mean
-        # Two passes (mean, then the centred second moment), as the official code: no E[xxᵀ] − μμᵀ cancellation.
-        second = centred @ centred.mT
-        if synced:
-            second = all_reduce_sum(second)
+        if self.sync and sync_active():
+            # Count, sums and second moments in one all-reduce, about the running mean (seg.nn.sync).
+            count, mean, second = synced_mean_and_second(flat, self.running_mean.to(flat.dtype))
+        else:
+            if flat.shape[-1] == 0:
+                raise ValueError("IterNorm received an empty batch: no values to compute statistics from")
+            count = float(flat.shape[-1])  # a Python number: no tensor built (and copied to the device) per step
+            mean = flat.sum(-1, keepdim=True) / count
+            centred = flat - mean
+            # Two passes (mean, then the centred second moment), as the official code: no E[xxᵀ] − μμᵀ cancellation.
+            second = centred @ centred.mT
         eye = torch.eye(self.num_channels, dtype=flat.dtype, device=flat.device)
         sigma = second / count + self.eps * eye
         trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1).view(-1, 1, 1)

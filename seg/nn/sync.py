@@ -40,3 +40,34 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not sync_active():
         return tensor
     return _AllReduceSum.apply(tensor)
+
+
+def summed_together(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor summed over all processes, all in one all-reduce (differentiable: one all-reduce backward
+    too). Tensors of one dtype; the results are views of one flat buffer."""
+    flat = _AllReduceSum.apply(torch.cat([t.reshape(-1) for t in tensors]))
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
+
+
+def synced_mean_and_second(x: torch.Tensor, shift: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count (0-d), mean ``(..., d, 1)`` and second moment about it ``(..., d, d)`` of the columns of ``x (..., d, m)``
+    over all processes, in one all-reduce, differentiable; exact for unequal batches.
+
+    Each process sends ``n``, ``n·d`` and ``Mᵣ + n·d·dᵀ`` (= ``Σ (x − K)(x − K)ᵀ``), with ``d`` its mean less ``K``
+    (``shift``, ``(..., d, 1)``, the same on every process, e.g. the running mean: near the batch mean, so that
+    the global ``Σ − N·D·Dᵀ`` loses little to cancellation) and ``Mᵣ`` its second moment about its own mean.
+    """
+    m = x.shape[-1]
+    local_mean = x.sum(-1, keepdim=True) / max(m, 1)
+    centred = x - local_mean
+    d = local_mean if shift is None else local_mean - shift
+    local = torch.matmul(centred, centred.mT) + (d * m) @ d.mT
+    count, total_d, total = summed_together(x.new_full((), float(m)), d * m, local)
+    big_d = total_d / count
+    mean = big_d if shift is None else big_d + shift
+    return count, mean, total - (big_d * count) @ big_d.mT
