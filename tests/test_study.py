@@ -611,3 +611,5 @@ def test_a_failing_selection_run_stops_that_variant_and_exits_1(tmp_path: Path, 
     summary = json.loads((tmp_path / "out" / "study.json").read_text())
     assert summary["sweep"]["variants"]["bn"]["picked"] is None
     assert summary["variants"]["bn"]["runs"] == [] and not (tmp_path / "out" / "bn" / "seed0").exists()
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "No pick yet for bn" in md and "lies inside" not in md

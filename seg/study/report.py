@@ -160,11 +160,14 @@ def selection_section(summary: dict[str, Any]) -> list[str]:
             edges.append(name)
         lines.append(f"| {name} | {picked} | {'; '.join(_value_cell(r, row['picked']) for r in row['values'])} |")
     lines.append("")
+    waiting = [name for name, row in sel["variants"].items() if row["picked"] is None]
     if edges:
         lines += [f"At an end of the swept range: {', '.join(edges)}. The best value may lie outside it; widen the "
                   "range to be sure.", ""]
-    else:
-        lines += ["Every pick lies inside the swept range.", ""]
+    elif len(waiting) < len(sel["variants"]):
+        lines += ["Every pick made lies inside the swept range.", ""]
+    if waiting:
+        lines += [f"No pick yet for {', '.join(waiting)}: their reported runs have not started.", ""]
     fname = sweep_figure_name(sel, m)
     lines += [f"![{fname}]({fname})", ""]
     return lines
