@@ -52,9 +52,10 @@ def is_classification_arch(arch: str) -> bool:
 
 
 def _check_cifar_deconv(d: DeconvConfig) -> None:
-    """The CIFAR networks follow the reference's fixed rules for what build_cifar_model does not take: VGG's
-    first conv frozen with 15 iterations, ResNet's like every other conv, the reference operator. A changed
-    setting that would be ignored is an error instead."""
+    """The CIFAR networks follow the reference's fixed rules for what build_cifar_model does not take: the
+    stems it freezes (VGG's with 15 iterations; most Table 1 networks' with 10, SENet's with 15; ResNet's and
+    DenseNet's not), the settings it pins per layer (grouped and depthwise convs), the reference operator. A
+    changed setting that would be ignored is an error instead."""
     default = DeconvConfig()
     ignored = [
         f"model.deconv.{f.name}={getattr(d, f.name)!r}"

@@ -8,7 +8,7 @@ bring 32x32 to 1x1, which the classifier reads flattened (no pooling).
 
 Deconvolution (``--deconv True``): the reference builds only the stem as a ``FastDeconv`` (frozen, 10
 iterations) and the blocks *with BatchNorm* (``_make_layers(..., deconv=None)``), so that is what
-``norm: deconv`` gives here too: 1 FastDeconv and 48 BatchNorm layers.
+``norm: deconv`` gives here too: 1 FastDeconv and the blocks' 50 BatchNorm layers.
 """
 
 from __future__ import annotations
