@@ -236,6 +236,12 @@ class TrainConfig(_Section):
     val_interval: int = opt(1000, ge=1)
     checkpoint_interval: int = opt(500, ge=1)
     val_max_images: int | None = opt(None, ge=1)  # validate on a subset (null: the whole split)
+    # CUDA: cudnn.benchmark (the fastest algorithms for the shapes seen) unless this asks for deterministic ones
+    deterministic: bool = False
+    channels_last: bool = False  # model and inputs in NHWC memory format (tensor-core convolutions prefer it)
+    # torch.compile the training forward pass (torch's mode names; none: eager); no CUDA-graph modes: FastDeconv
+    # updates its statistics in place and branches on its step counter. Validation stays eager.
+    compile: str = opt("none", choices=("none", "default", "max-autotune-no-cudagraphs"))
 
 
 @dataclass

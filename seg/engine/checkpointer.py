@@ -145,17 +145,23 @@ class Checkpointer:
     def save(self, iteration: int, best: bool = False) -> None:
         """Write ``last.pth`` (and ``best.pth`` when ``best``); refuses to overwrite them with NaN weights."""
         state = {key: obj.state_dict() for key, obj in self.objects.items()}
+        # Collective: each rank resumes its own streams, and every rank learns whether any rank's weights are
+        # broken, so that all raise together (a rank raising alone leaves the others waiting in the next
+        # collective until the process-group timeout).
+        gathered = all_gather_objects((capture_rng(), params_finite(self.objects["model"])), self.info)
         state.update(
             config=self.config,
             iteration=iteration,
             best_metric=self.best,
             train_seconds=self.train_seconds,
-            rng=all_gather_objects(capture_rng(), self.info),  # collective: each rank resumes its own streams
+            rng=[rng for rng, _ in gathered],
         )
+        broken = [rank for rank, (_, finite) in enumerate(gathered) if not finite]
+        if broken:
+            raise NonFiniteLossError(f"weights are not finite at iteration {iteration} on process(es) {broken}; "
+                                     f"not saving over {LAST}")
         if not self.info.is_main:
             return
-        if not params_finite(self.objects["model"]):
-            raise NonFiniteLossError(f"weights are not finite at iteration {iteration}; not saving over {LAST}")
         save_checkpoint(state, self.work_dir / LAST)
         if best:
             save_checkpoint(state, self.work_dir / BEST)

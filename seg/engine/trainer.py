@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from seg import tasks  # the module, not its names: seg.tasks imports seg.engine.writers
 from seg.checkpoint import LAST
-from seg.config import Config, ConfigError, dump_yaml, to_dict
+from seg.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from seg.data import derive_seed, make_generator, worker_init_fn
 from seg.engine.checkpointer import Checkpointer, NonFiniteLossError
 from seg.engine.distributed import DistInfo, all_gather_objects
@@ -152,6 +153,8 @@ def train_step(
     device = run.info.device
     timer.begin()
     inputs, targets = run.task.to_device(next(batches), device)
+    if run.cfg.train.channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     timer.loaded()
     with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         loss = run.task.loss(run.ddp_model(inputs), targets)
@@ -179,8 +182,12 @@ def train_step(
 
 
 def validate(run: Run, iteration: int, writers: list[Writer]) -> dict[str, Any]:
-    """The task's metrics on the validation split (all ranks take part); the model is left in train mode."""
-    metrics = run.task.evaluate(run.model, run.val_loader, run.info.device, run.amp_dtype)
+    """The task's metrics on the validation split (all ranks take part); the model is left in train mode.
+
+    In float32 whatever ``train.amp`` is, as ``tools/eval.py`` scores a checkpoint: the mIoU that picks
+    ``best.pth`` is the one a later evaluation of that file reports.
+    """
+    metrics = run.task.evaluate(run.model, run.val_loader, run.info.device, None)
     if writers:
         event = run.task.val_event(iteration, metrics, run.model, run.info.device)
         event.record["train_seconds"] = run.checkpointer.train_seconds  # training time so far, for time-to-accuracy
@@ -298,15 +305,53 @@ class StopRequest:
 # building a run
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes in bf16 natively (compute capability 8.0, Ampere, or later).
+
+    Not ``torch.cuda.is_bf16_supported()``: by default it also counts the emulation older GPUs (V100, T4)
+    offer, which is slow; those get fp16 with a gradient scaler instead.
+    """
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.amp`` on ``device`` (None: full precision)."""
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("key 'train.amp' has value 'fp16', which needs CUDA; on CPU use bf16 or none")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def configure_backends(tc: TrainConfig, device: torch.device) -> None:
+    """cuDNN picks the fastest convolution algorithms for the shapes it sees (``cudnn.benchmark``) unless
+    ``train.deterministic`` asks for reproducible ones."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not tc.deterministic
+        torch.backends.cudnn.deterministic = tc.deterministic
+
+
+def data_worker_init(worker_id: int) -> None:
+    """DataLoader workers: OpenCV single-threaded (each worker is one of many processes; OpenCV's own pool in
+    every worker would oversubscribe the cores), then the per-worker seeding."""
+    cv2.setNumThreads(0)
+    worker_init_fn(worker_id)
+
+
+def buffers_identical_by_construction(model: nn.Module) -> bool:
+    """Whether every rank's buffers stay equal without DDP re-sending rank 0's before each forward.
+
+    Under a process group the build syncs every layer's statistics (SyncBatchNorm, FastDeconv, IterNorm,
+    ChannelDeconv, Delinear), so their running buffers are updated identically on all ranks. Plain BatchNorm
+    remains only where SyncBatchNorm cannot run (CPU); its running statistics differ per rank, and then the
+    broadcast keeps the replicas equal.
+    """
+    return not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+        for m in model.modules()
+    )
 
 
 def seed_all(seed: int) -> None:
@@ -328,10 +373,10 @@ def build_loaders(cfg: Config, info: DistInfo, task: Task) -> tuple[DataLoader, 
     loader = DataLoader(
         SeededSamples(train_set), batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
         pin_memory=info.device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
-        worker_init_fn=worker_init_fn, generator=make_generator(tc.seed, info.rank),
+        worker_init_fn=data_worker_init, generator=make_generator(tc.seed, info.rank),
     )
     val_loader = build_eval_loader(
-        val_set, batch_size=cfg.eval.batch_size, num_workers=min(workers, 2),
+        val_set, batch_size=cfg.eval.batch_size, num_workers=min(workers, 2), worker_init_fn=data_worker_init,
         generator=make_generator(tc.seed, 1000 + info.rank),  # keeps the global torch RNG untouched
     )
     return loader, sampler, val_loader
@@ -343,8 +388,11 @@ def build_run(cfg: Config, info: DistInfo, work_dir: Path) -> Run:
     cfg.work_dir = str(work_dir)
     task = tasks.build_task(cfg)
     seed_all(cfg.train.seed)  # the same seed on every rank: identical initial weights
+    configure_backends(cfg.train, info.device)
     loader, sampler, val_loader = build_loaders(cfg, info, task)
     model = task.build_model().to(info.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # From here on each rank draws its own stream (e.g. dropout masks differ across ranks, as they should).
     torch.manual_seed(derive_seed(cfg.train.seed, 1, info.rank))
     optimizer = build_optimizer(model, cfg.train)
@@ -354,7 +402,11 @@ def build_run(cfg: Config, info: DistInfo, work_dir: Path) -> Run:
     ddp_model: nn.Module = model
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+        ddp_model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False,
+                                            broadcast_buffers=not buffers_identical_by_construction(model))
+    if cfg.train.compile != "none":
+        # Only the training step's forward; validation and checkpoints use the plain model.
+        ddp_model = torch.compile(ddp_model, mode=cfg.train.compile)
     checkpointer = Checkpointer(
         work_dir, info, to_dict(cfg), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, log=log
     )

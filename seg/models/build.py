@@ -35,7 +35,6 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import timm
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
@@ -202,9 +201,16 @@ def _kept_batchnorms(model: nn.Module, patterns: list[str], arch: str) -> list[s
     return kept
 
 
+def _group_on_cuda() -> bool:
+    """Whether the process group reduces CUDA tensors (NCCL): ``init_distributed`` makes one for ``--device cuda``
+    and a gloo group for ``cpu``, so this follows the run's chosen device, not the machine
+    (``torch.cuda.is_available()`` is also true for a CPU run on a GPU machine, where SyncBatchNorm fails)."""
+    return dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend())
+
+
 def _apply_bn(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
     if sync:
-        if torch.cuda.is_available():
+        if _group_on_cuda():
             # timm's converter also handles its BatchNormAct2d (torch's would drop the activation).
             model = convert_sync_batchnorm(model)
         else:
