@@ -1,11 +1,10 @@
 """The whole-model benchmark runs end to end on a tiny setting (every table, the sweep's files) and rejects bad
-options by name; the prepared GPU check's dry run passes on a CPU machine, and its run stops there with exit 2."""
+options by name. (The prepared GPU check: tests/test_gpu_check.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -167,73 +166,3 @@ def test_memory_guard_extrapolates_the_last_workload() -> None:
     assert train_step.memory_guard(args, torch.device("cuda"), 4000, last) is None  # CUDA: out of memory is caught
     args.max_pixels = 2000
     assert "--max-pixels 2000" in train_step.memory_guard(args, cpu, 3000, None)
-
-
-# -- benchmarks/gpu_check.sh ---------------------------------------------------------------------------------
-
-
-def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, env=env, timeout=600)
-
-
-def test_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "report" / "check.md"
-    proc = gpu_check("--dry-run", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for text in ("(a)  100 s  pytest -m gpu", "(b)  210 s  train-step sweep", "(c)   80 s  inference frames/s",
-                 "(d)   30 s  one layer on CUDA", f"--repeats 20 --output {out.parent}/check_layer",
-                 "--sizes 8x480x480 8x512x1024 --archs deeplabv3 --output-strides 8 --encoder resnet50 "
-                 "--norm bn deconv gn iternorm", f"--out-dir {out.parent} --name check_sweep",
-                 "--device cuda --arch deeplabv3 --os 16 8 --encoder resnet50 --size 1024 2048",
-                 "within the 470 s budget", "dry run: every check passed"):
-        assert text in proc.stdout
-    assert "FAILED" not in proc.stdout
-    assert not out.parent.exists()  # nothing written
-
-
-def test_gpu_check_rejects_bad_arguments() -> None:
-    for args in (["--bogus"], ["--out"], ["--out", "report.txt"]):
-        proc = gpu_check("--dry-run", *args)
-        assert proc.returncode == 64 and "usage:" in proc.stderr, args
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
-def test_gpu_check_stops_at_once_without_cuda(tmp_path: Path) -> None:
-    out = tmp_path / "check.md"
-    proc = gpu_check("--out", str(out))
-    assert proc.returncode == 2
-    assert "no CUDA device" in proc.stderr and "nothing was run" in proc.stderr and "--dry-run" in proc.stderr
-    assert not out.exists()
-
-
-STAND_IN_PYTHON = r"""#!/usr/bin/env bash
-# Claims CUDA; pytest passes, the sweep writes its markdown, inference fails, the layer prints its table.
-case "$*" in
-  *cuda.is_available*) echo True ;;
-  *gpu_check.py\ env*) echo "- GPU 0: stand-in" ;;
-  *train_step.py*)
-    while (($#)); do case "$1" in --out-dir) dir=$2 ;; --name) name=$2 ;; esac; shift; done
-    printf '# Train-step sweep: stand-in\n\n| model | ratio |\n' >"$dir/$name.md"; echo "sweep done" ;;
-  *inference_fps.py*) echo "inference broke" >&2; exit 3 ;;
-  *deconv_layer.py*) echo "| 3x3 256->256 | stand-in |" ;;
-  "-m pytest "*) echo "4 passed" ;;
-esac
-"""
-
-
-def test_gpu_check_records_every_step_in_one_report(tmp_path: Path) -> None:
-    python = tmp_path / "python"
-    python.write_text(STAND_IN_PYTHON)
-    python.chmod(python.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "results" / "gpu.md"
-    proc = gpu_check("--out", str(out), env={"PYTHON": str(python)})
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # a failed step: recorded, the others ran
-    report = out.read_text()
-    assert report.startswith("# GPU check") and "- GPU 0: stand-in" in report
-    rows = [line for line in report.splitlines() if line.startswith("| (")]
-    assert [row.split("|")[5].strip() for row in rows] == ["ok", "ok", "FAILED (exit 3)", "ok"]
-    assert "4 passed" in report and "## Train-step sweep: stand-in" in report and "inference broke" in report
-    assert "| 3x3 256->256 | stand-in |" in report
-    assert {p.name for p in out.parent.iterdir()} == {"gpu.md", "gpu_sweep.md", "gpu_a.log", "gpu_b.log",
-                                                      "gpu_c.log", "gpu_d.log"}
