@@ -43,7 +43,7 @@ declare -A TITLE=(
   [s]="train/eval step time and memory, BN vs deconv, DeepLabV3-ResNet-50 OS 8, 8x480x480 and 8x512x1024, bf16"
   [f]="inference frames/s at 1024x2048 (DeepLabV3-ResNet-50, OS 16 and 8, BN vs folded deconvolution)"
 )
-declare -A BUDGET=([w]=25 [a]=65 [p]=20 [t]=70 [s]=95 [f]=45)
+declare -A BUDGET=([w]=20 [a]=75 [p]=20 [t]=70 [s]=90 [f]=45)
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die_usage() { echo "gpu_check.sh: $1" >&2; echo "usage: benchmarks/gpu_check.sh [--dry-run] [--out FILE]" >&2; exit 64; }

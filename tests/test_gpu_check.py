@@ -30,7 +30,7 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "report" / "check.md"
     proc = gpu_check("--dry-run", "--out", str(out), env={"GPU_WHEELS": str(tmp_path / "no_wheels")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for text in ("(a)   65 s  pytest -m gpu", "(s)   95 s  train/eval step time", "(f)   45 s  inference frames/s",
+    for text in ("(a)   75 s  pytest -m gpu", "(s)   90 s  train/eval step time", "(f)   45 s  inference frames/s",
                  "--sizes 8x480x480 8x512x1024 --archs deeplabv3 --output-strides 8 --encoder resnet50 "
                  "--norm bn deconv", f"--out-dir {out.parent} --name check_sweep",
                  "--device cuda --arch deeplabv3 --os 16 8 --encoder resnet50 --size 1024 2048",
