@@ -56,6 +56,27 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The last half-precision input cast to the statistics dtype: (input, its version, grad mode, the copy). Layers
+# that read one input in turn (the ASPP branches) share one float32 copy (and one cast backward) instead of
+# making one each. One entry: it is replaced by the next cast, so it keeps at most one copy alive.
+_LAST_CAST: list[tuple[torch.Tensor, int, bool, torch.Tensor] | None] = [None]
+
+
+def stats_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the statistics dtype (:func:`_stats_dtype`), the same copy for every layer reading the same,
+    unchanged tensor."""
+    dtype = _stats_dtype(x.dtype)
+    if x.dtype == dtype:
+        return x
+    last = _LAST_CAST[0]
+    grad_mode = torch.is_grad_enabled()
+    if last is not None and last[0] is x and last[1] == x._version and last[2] == grad_mode:
+        return last[3]
+    xs = x.to(dtype)
+    _LAST_CAST[0] = (x, x._version, grad_mode, xs)
+    return xs
+
+
 # ND++'s per-sample input normalisations; "none" is the original operator.
 NORM_TYPES = ("none", "layernorm", "l1norm")
 
@@ -486,7 +507,7 @@ class FastDeconv(nn.Conv2d):
                 mean, deconv = self._running()
             else:
                 # Statistics from the float32 normalised input, not from its cast back to bf16/fp16.
-                xs = xn if xn is not None else x.to(_stats_dtype(x.dtype))
+                xs = xn if xn is not None else stats_input(x)
                 if self._refresh_due():
                     mean, deconv = self._batch_statistics(xs)
                     self._update_running(mean, deconv)

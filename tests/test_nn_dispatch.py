@@ -1,0 +1,186 @@
+"""What a whitening layer's training step asks of the device: no host synchronisation, and a number of aten
+operations that does not grow with the batch (no per-image or per-kernel-offset loop) and stays within budget.
+
+Counted with ``TorchDispatchMode`` on CPU (forward and backward): every aten operation the step dispatches,
+views included. On a GPU each non-view operation is a kernel launch, and ``_local_scalar_dense`` (``.item()``,
+``int(t)``, ``if t:``), ``item`` and ``lift_fresh`` (``torch.tensor(...)`` built from host data) are the
+operations that make the host wait for the device or copy to it.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from seg.nn import ChannelDeconv, Delinear, FastDeconv, IterNorm
+
+SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.lift_fresh"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> dict[str, int]:
+        return {k: v for k, v in self.ops.items() if k in SYNC_OPS}
+
+
+def _train_step(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+
+
+def _counted_step(layer: torch.nn.Module, x: torch.Tensor) -> OpCounter:
+    with OpCounter() as counter:
+        _train_step(layer, x)
+    return counter
+
+
+# (constructor, input shape): every path of the statistics (sampling layouts, schedules, options).
+LAYERS = {
+    "3x3": (lambda: FastDeconv(16, 8, 3, padding=1, block=8), (2, 16, 12, 12)),
+    "3x3 stride 2": (lambda: FastDeconv(8, 8, 3, stride=2, padding=1, block=4), (2, 8, 13, 11)),
+    "3x3 dilation 2 (overlap)": (lambda: FastDeconv(8, 8, 3, padding=2, dilation=2, block=8), (2, 8, 10, 9)),
+    "1x1": (lambda: FastDeconv(16, 8, 1, block=8), (2, 16, 6, 6)),
+    "1x1 uneven offsets": (lambda: FastDeconv(16, 8, 1, block=8), (3, 16, 5, 7)),
+    "grouped": (lambda: FastDeconv(8, 8, 3, padding=1, groups=2), (2, 8, 9, 9)),
+    "no bias": (lambda: FastDeconv(16, 8, 3, padding=1, block=8, bias=False), (2, 16, 12, 12)),
+    "iterate": (lambda: FastDeconv(16, 8, 3, padding=1, block=8, isqrt_method="iterate"), (2, 16, 12, 12)),
+    # The stem's n_iter and freeze schedule (a 3×3 kernel: a full-rank covariance from a small image).
+    "stem with freeze": (lambda: FastDeconv(3, 8, 3, stride=2, padding=1, n_iter=15, freeze=True, freeze_iter=1),
+                         (2, 3, 20, 20)),
+    "stats_every": (lambda: FastDeconv(16, 8, 3, padding=1, block=8, stats_every=2), (2, 16, 12, 12)),
+    "matrix_grad off": (lambda: FastDeconv(16, 8, 3, padding=1, block=8, matrix_grad=False), (2, 16, 12, 12)),
+    "layernorm": (lambda: FastDeconv(16, 8, 3, padding=1, block=8, norm_type="layernorm"), (2, 16, 12, 12)),
+    "sync flag without a group": (lambda: FastDeconv(16, 8, 3, padding=1, block=8, sync=True), (2, 16, 12, 12)),
+    "IterNorm": (lambda: IterNorm(16, num_channels=8), (2, 16, 6, 6)),
+    "ChannelDeconv": (lambda: ChannelDeconv(4, eps=1e-3), (2, 6, 6, 6)),  # a 4-block and 2 standardised
+    "ChannelDeconv 2-D": (lambda: ChannelDeconv(4, eps=1e-3), (5, 6)),
+    "Delinear": (lambda: Delinear(12, 5, block=4), (5, 12)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_training_steps_never_wait_for_the_device(name):
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(*shape) * 1.5 + 0.3
+    # Every step from the first (first-batch initialisation, freeze and stats_every schedules included).
+    for step in range(4):
+        counter = _counted_step(layer, x)
+        assert counter.syncs == {}, f"step {step}: {counter.syncs}"
+
+
+def test_freeze_schedule_still_follows_a_loaded_counter():
+    # The host-side copy of the counter follows load_state_dict: a loaded layer freezes when the original does.
+    layer = FastDeconv(3, 4, 3, padding=1, freeze=True, freeze_iter=2)
+    for _ in range(3):
+        layer(torch.randn(1, 3, 8, 8))
+    fresh = FastDeconv(3, 4, 3, padding=1, freeze=True, freeze_iter=2)
+    fresh.load_state_dict(layer.state_dict())
+    before = fresh.running_deconv.clone()
+    fresh(torch.randn(1, 3, 8, 8))  # counter 3 > freeze_iter: the running statistics are used, not updated
+    assert torch.equal(before, fresh.running_deconv)
+    assert int(fresh.counter) == int(layer.counter) + 1
+
+
+# Aten operations of one training step (forward and backward) of a 3×3 FastDeconv layer with the default
+# options on CPU (eigh form of the inverse square root). Issue 22 measured 596 before (with batch 2; it grew by
+# 49 per image); 140 after.
+LAYER_BUDGET = 145
+
+
+@pytest.mark.parametrize("name", ["3x3", "3x3 dilation 2 (overlap)", "1x1", "1x1 uneven offsets", "grouped",
+                                  "iterate", "stem with freeze", "IterNorm", "ChannelDeconv", "Delinear"])
+def test_operations_do_not_grow_with_the_batch(name):
+    make, shape = LAYERS[name]
+    counts = []
+    for batch in (shape[0], shape[0] + 3):
+        torch.manual_seed(0)
+        layer = make()
+        x = torch.randn(batch, *shape[1:]) * 1.5 + 0.3
+        _train_step(layer, x)  # first-step initialisation and caches out of the way
+        counts.append(_counted_step(layer, x).total)
+    assert counts[0] == counts[1], counts
+
+
+def test_fastdeconv_step_within_the_operation_budget():
+    torch.manual_seed(0)
+    layer = FastDeconv(32, 16, 3, padding=1, block=16)  # two interleaved vectors per patch, as in a ResNet
+    x = torch.randn(2, 32, 12, 12)
+    _train_step(layer, x)
+    counter = _counted_step(layer, x)
+    assert counter.total <= LAYER_BUDGET, counter.ops.most_common(20)
+
+
+def test_layers_reading_one_half_precision_input_share_one_float32_copy():
+    # The ASPP branches: several layers in turn on one bf16 tensor make one float32 copy of it, not one each.
+    torch.manual_seed(0)
+    branches = [FastDeconv(16, 4, 3, padding=d, dilation=d, block=8) for d in (1, 2, 3)]
+    x = (torch.randn(2, 16, 12, 12) + 0.5).bfloat16().requires_grad_()
+    casts = []
+
+    class CastsOfX(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and args and args[0] is x:
+                casts.append((kwargs or {}).get("dtype"))
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), CastsOfX():
+        outs = [b(x) for b in branches]
+    assert casts == [torch.float32]
+    sum(o.float().sum() for o in outs).backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    # Each branch's statistics are those of the float32 input, as without sharing.
+    for b in branches:
+        ref = FastDeconv(16, 4, 3, padding=b.padding, dilation=b.dilation, block=8)
+        ref.load_state_dict({**b.state_dict(), "running_mean": torch.zeros_like(b.running_mean),
+                             "running_deconv": torch.eye(b.num_features), "counter": torch.zeros((), dtype=torch.long)})
+        ref(x.detach().float())
+        torch.testing.assert_close(ref.running_deconv, b.running_deconv, rtol=0, atol=0)
+
+
+# Aten operations of a DeepLabV3-ResNet50 OS 8 training step with deconvolution, relative to the same step
+# with BatchNorm (float32, CPU, 2×3×32×32). Issue 22: 27.6× at this size before (22,948 against 833; it grew
+# with the batch: about 33× at batch 8), 10.1× after (8,440). The issue's goal is 6×; not met yet.
+MODEL_BUDGET = 10.5
+
+
+@pytest.mark.slow
+def test_deeplabv3_r50_step_within_the_operation_budget():
+    import torch.nn.functional as F
+
+    from seg.config import DeconvConfig, ModelConfig
+    from seg.models import build_model
+
+    def count(norm: str) -> OpCounter:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="deeplabv3", encoder="resnet50", output_stride=8, norm=norm,
+                                        deconv=DeconvConfig())).train()
+        x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 19, (2, 32, 32))
+        F.cross_entropy(model(x)["out"], target).backward()
+        model.zero_grad(set_to_none=True)
+        with OpCounter() as counter:
+            F.cross_entropy(model(x)["out"], target).backward()
+        return counter
+
+    bn, deconv = count("bn"), count("deconv")
+    assert deconv.syncs == {}
+    assert deconv.total <= MODEL_BUDGET * bn.total, (deconv.total, bn.total, deconv.ops.most_common(15))
