@@ -222,9 +222,8 @@ def evaluate(
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         num_images = num_images.to(cm.mat.device if dist.get_backend() != "nccl" else "cuda")
         dist.all_reduce(num_images)
-    result = cm.compute()
+    result = benchmark_from_reference(cm) if reference else cm.compute()
     if reference:
-        result = benchmark_from_reference(cm)
         result["miou_reference"] = reference_miou(cm)
         result["iou_reference"] = reference_ious(cm)
         plain = cm.compute()
