@@ -9,6 +9,9 @@ classification (CIFAR test images or an image-folder split: top-1 and top-5 accu
 CONFIG supplies the data root and evaluation settings; the model is rebuilt from the config stored in
 the checkpoint, whose task (segmentation or classification) decides what is measured. Segmentation runs at
 full resolution by default; each image is counted once under torchrun. Results go to metrics.json.
+With a configs/paper/*.yaml CONFIG (its labels and its short side 520), a checkpoint with the paper's 21
+outputs, or --reference-compat, the paper's code's scores (21 classes, void counted, the mean of all 21)
+follow the 19-class table as a second, labelled one (miou_reference in metrics.json).
 
 Exit codes: 0 done; 2 bad arguments, config or --opts key, missing or unusable checkpoint, missing or
 unreadable data, or a failure of the official evaluator (one line `error: <message>` on stderr naming the
