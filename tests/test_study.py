@@ -39,6 +39,7 @@ from seg.study.aggregate import latest_records, read_metrics
 from seg.study.pipeline import write_results
 from seg.study.report import markdown
 from seg.study.runner import inspect_run, train_command
+from seg.study.selection import extensions
 from seg.study.stats import median, t_two_sided_mass
 from tools import study as study_tool
 
@@ -613,3 +614,34 @@ def test_a_failing_selection_run_stops_that_variant_and_exits_1(tmp_path: Path, 
     assert summary["variants"]["bn"]["runs"] == [] and not (tmp_path / "out" / "bn" / "seed0").exists()
     md = (tmp_path / "out" / "study.md").read_text()
     assert "No pick yet for bn" in md and "lies inside" not in md
+
+
+def test_extension_adds_the_next_value_at_an_end(tmp_path: Path) -> None:
+    """extend: 1: bn's pick 1.0 (the top end) adds 10.0, deconv's pick 0.01 adds 0.001; a pick inside adds none;
+    a second extension at the same end is not made."""
+    sweep = {**SWEEP, "values": [0.01, 0.1, 1.0], "extend": 1}
+    study = load_study(write_study(tmp_path / "s.yaml", sweep=sweep,
+                                   variants={"bn": ["model.norm=bn"], "deconv": ["model.norm=deconv"],
+                                             "gn": ["model.norm=gn"]}))
+    out = tmp_path / "out"
+    scores = {"bn": (0.1, 0.2, 0.3), "deconv": (0.3, 0.2, 0.1), "gn": (0.1, 0.3, 0.2)}
+    for variant, row in scores.items():
+        for value, miou in zip((0.01, 0.1, 1.0), row, strict=True):
+            _selection_run(out, variant, value, 7, miou)
+    values = {v: list(vals) for v, vals in study.sweep.values.items()}
+    specs = plan_sweep_runs(study, out, ["train.iterations=1"], values)
+    selection = select(study, specs, [load_run(s.variant, s.seed, s.work_dir, 1) for s in specs], "miou", values)
+    assert extensions(study, selection, values) == {"bn": 10.0, "deconv": 0.001}
+    values["bn"].append(10.0)
+    values["deconv"].append(0.001)
+    _selection_run(out, "bn", 10.0, 7, 0.5)  # still best at the new end: no further value (extend: 1)
+    _selection_run(out, "deconv", 0.001, 7, None)  # diverged: 0.01 stays the pick, now inside
+    specs = plan_sweep_runs(study, out, ["train.iterations=1"], values)
+    selection = select(study, specs, [load_run(s.variant, s.seed, s.work_dir, 1) for s in specs], "miou", values)
+    assert extensions(study, selection, values) == {}
+    bn, deconv = selection["variants"]["bn"], selection["variants"]["deconv"]
+    assert (bn["picked"], bn["at_edge"], bn["added"]) == (10.0, True, [10.0])
+    assert [r["value"] for r in deconv["values"]] == [0.001, 0.01, 0.1, 1.0]
+    assert (deconv["picked"], deconv["at_edge"]) == (0.01, False)
+    with pytest.raises(ConfigError, match="sweep.extend"):
+        load_study(write_study(tmp_path / "bad.yaml", sweep={**SWEEP, "values": ["a", "b"], "extend": 1}))

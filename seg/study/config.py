@@ -19,11 +19,12 @@ from seg.config import Config, ConfigError, load_config, parse_override, read_ya
 # A relative ``base:`` is read from the repository root (where configs/ lives), wherever the study file is.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("name", "base", "seeds", "baseline", "opts", "variants", "sweep", "report_at")
-SWEEP_KEYS = ("key", "values", "seeds", "opts", "rule")
+SWEEP_KEYS = ("key", "values", "seeds", "opts", "rule", "extend")
 # How a sweep picks each variant's value (the rule is named in the study file, so it is fixed before the runs).
 RULES = {
     "best_mean_final": "the value with the highest mean final validation metric over the selection seeds; a "
-                       "diverged selection run scores 0 (the metric's floor); ties go to the value listed first",
+                       "diverged selection run scores 0 (the metric's floor); ties go to the first of them in the "
+                       "values' order",
 }
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # study and variant names become folder names
 
@@ -37,6 +38,9 @@ class Sweep:
     seeds: list[int]  # selection seeds; never among the study's reported seeds
     opts: list[str] = field(default_factory=list)  # overrides for the selection runs only (after the variant's)
     rule: str = "best_mean_final"
+    # A pick at an end of a variant's values adds the next value beyond it (same ratio as the two values at that
+    # end, 3 significant digits), at most this many times per end; 0: the values as listed.
+    extend: int = 0
 
     @property
     def leaf(self) -> str:
@@ -194,11 +198,18 @@ def _sweep(path: Path, value: Any, variants: dict[str, list[str]], seeds: list[i
     if rule not in RULES:
         raise _fail(path, "sweep.rule", f"has value {rule!r}, expected one of {', '.join(RULES)}")
     opts = _overrides(path, "sweep.opts", value.get("opts"))
+    extend = value.get("extend", 0)
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        raise _fail(path, "sweep.extend", f"has value {extend!r}, expected an integer >= 0")
+    if extend and not all(isinstance(x, (int, float)) and x > 0 and len(vals) > 1 for vals in values.values()
+                          for x in vals):
+        raise _fail(path, "sweep.extend", "needs at least two positive numbers in every variant's values "
+                                          "(it continues their ratio)")
     for name, over in variants.items():
         for text in over:
             if ".".join(_parse(path, f"variants.{name}", text)[0]) == key:
                 raise _fail(path, f"variants.{name}", f"sets the swept key {key} ('{text}'); the sweep sets it")
-    return Sweep(key, values, sel_seeds, opts, rule)
+    return Sweep(key, values, sel_seeds, opts, rule, extend)
 
 
 def _iterations(path: Path, value: Any) -> list[int]:
@@ -267,22 +278,26 @@ def _spec(study: Study, variant: str, seed: int, work_dir: Path, overrides: list
     return RunSpec(variant, seed, work_dir, study.base, overrides, cfg, value)
 
 
-def plan_sweep_runs(study: Study, out: Path, cli_opts: list[str] | None = None) -> list[RunSpec]:
+def plan_sweep_runs(study: Study, out: Path, cli_opts: list[str] | None = None,
+                    values: dict[str, list[Any]] | None = None) -> list[RunSpec]:
     """The selection runs (variant x value x selection seed, in file order) into
-    ``out/<variant>/sweep/<leaf>_<value>/seed<k>``; [] without a sweep."""
+    ``out/<variant>/sweep/<leaf>_<value>/seed<k>``; ``values`` (variant -> values) replaces the file's, e.g. for
+    the values an extension adds; [] without a sweep."""
     _check_cli_opts(study, cli_opts)
     sweep = study.sweep
     if sweep is None:
         return []
+    values = sweep.values if values is None else values
     specs = []
     for variant in study.variants:
-        for value in sweep.values[variant]:
+        for value in values.get(variant, []):
             extra = [sweep.override(value), *sweep.opts]
             for seed in sweep.seeds:
                 work_dir = out / variant / "sweep" / sweep.folder(value) / f"seed{seed}"
                 specs.append(_spec(study, variant, seed, work_dir, study.overrides(variant, seed, cli_opts, extra),
                                    value))
-    study_task(study, specs)
+    if specs:
+        study_task(study, specs)
     return specs
 
 

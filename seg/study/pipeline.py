@@ -16,7 +16,7 @@ from seg.study.figures import write_figures, write_sweep_figure
 from seg.study.metrics import metric_for_task
 from seg.study.report import write_report
 from seg.study.runner import Outcome, inspect_run, run_all, threads_per_job
-from seg.study.selection import picks, select
+from seg.study.selection import extensions, picks, select
 
 DEFAULT_ROOT = Path("checkpoints") / "studies"
 
@@ -99,21 +99,40 @@ def run_study(
     else:
         specs = plan_runs(study, out, cli_opts)
     outcomes, signum = _run(selection_specs, device, jobs, gpus, log)
-    if study.sweep is not None and signum is None:
+    values = None if study.sweep is None else {v: list(vals) for v, vals in study.sweep.values.items()}
+    announced: set[str] = set()
+    while study.sweep is not None and signum is None:
+        # Picks at an end of the range that may extend get one more value; the other picks are final, and their
+        # reported runs train alongside the new selection runs (finished ones are skipped).
         task = study_task(study, selection_specs)
-        chosen = picks(select(study, selection_specs, _load(selection_specs, outcomes), metric_for_task(task).key))
-        for variant, value in (chosen or {}).items():
-            log(f"picked {study.sweep.key}={value} for {variant} ({study.sweep.rule})")
-        specs = plan_runs(study, out, cli_opts, chosen)
-    if signum is None:  # a stop during the selection starts nothing more
+        selection = select(study, selection_specs, _load(selection_specs, outcomes), metric_for_task(task).key,
+                           values)
+        added = extensions(study, selection, values)
+        final = {v: p for v, p in (picks(selection) or {}).items() if v not in added}
+        for variant, value in final.items():
+            if variant not in announced:
+                log(f"picked {study.sweep.key}={value} for {variant} ({study.sweep.rule})")
+                announced.add(variant)
+        for variant, value in added.items():
+            log(f"{variant}: best at an end of its values; adding {study.sweep.key}={value}")
+            values[variant].append(value)
+        new_specs = plan_sweep_runs(study, out, cli_opts, {v: [x] for v, x in added.items()})
+        selection_specs += new_specs
+        specs = plan_runs(study, out, cli_opts, final)
+        more, signum = _run([*new_specs, *specs], device, jobs, gpus, log)
+        outcomes.update(more)
+        if not added:
+            break
+    if study.sweep is None and signum is None:
         more, signum = _run(specs, device, jobs, gpus, log)
         outcomes.update(more)
-    return write_results(study, out, specs, outcomes, signum, cli_opts, selection_specs)
+    return write_results(study, out, specs, outcomes, signum, cli_opts, selection_specs, values)
 
 
 def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[tuple[str, int], Outcome],
                   signum: int | None = None, cli_opts: list[str] | None = None,
-                  selection_specs: list[RunSpec] | None = None) -> StudyResult:
+                  selection_specs: list[RunSpec] | None = None, values: dict[str, list[Any]] | None = None
+                  ) -> StudyResult:
     """Read every run folder back and write study.json, study.md and the figures into ``out``; with a sweep, its
     selection (``selection_specs``) too. The reported numbers use ``specs`` only."""
     selection_specs = selection_specs or []
@@ -131,7 +150,7 @@ def write_results(study: Study, out: Path, specs: list[RunSpec], outcomes: dict[
         "command": shlex.join(command + (["--opts", *cli_opts] if cli_opts else [])),
     }
     selection_runs = _load(selection_specs, outcomes)
-    selection = select(study, selection_specs, selection_runs, metric.key)
+    selection = select(study, selection_specs, selection_runs, metric.key, values)
     summary = summarize(header, study.baseline, study.variants, runs, metric, study.report_at)
     summary["sweep"] = selection
     files = list(write_report(summary, out))

@@ -168,6 +168,10 @@ def selection_section(summary: dict[str, Any]) -> list[str]:
         lines += ["Every pick made lies inside the swept range.", ""]
     if waiting:
         lines += [f"No pick yet for {', '.join(waiting)}: their reported runs have not started.", ""]
+    added = [f"{name}: {', '.join(map(str, row['added']))}" for name, row in sel["variants"].items()
+             if row.get("added")]
+    if added:
+        lines += [f"Values added by the extension rule (the pick was at an end): {'; '.join(added)}.", ""]
     fname = sweep_figure_name(sel, m)
     lines += [f"![{fname}]({fname})", ""]
     return lines
