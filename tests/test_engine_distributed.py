@@ -132,3 +132,19 @@ def test_channels_last_model_and_gradients_match_the_default_layout(synthetic_ro
     total = torch.cat([g.flatten() for g in grads[0].values()]).norm()
     for name, g in grads[0].items():  # (the biases before a whitening layer get ~0: the mean removes them)
         assert (grads[1][name] - g).norm() <= 1e-3 * g.norm() + 1e-6 * total, name
+
+
+@pytest.mark.slow  # inductor compiles the model on the CPU: minutes
+def test_compiled_training_matches_eager(synthetic_root: Path, tmp_path: Path) -> None:
+    from tests.test_engine_trainer import CPU, tiny_cfg
+
+    weights = {}
+    for mode in ("none", "default"):
+        cfg = tiny_cfg(synthetic_root, "train.iterations=2", f"train.compile={mode}")
+        result = trainer.train(cfg, CPU, tmp_path / mode, show_progress=False)
+        weights[mode] = torch.load(result.work_dir / "last.pth", weights_only=True)["model"]
+    total = torch.cat([v.flatten().float() for v in weights["none"].values()]).norm()
+    for key, value in weights["none"].items():
+        if value.is_floating_point():
+            diff = (weights["default"][key].float() - value.float()).norm()
+            assert diff <= 1e-3 * value.float().norm() + 1e-6 * total, key

@@ -20,15 +20,15 @@ sys.path.insert(0, str(BENCHMARKS))
 import gpu_wheels  # noqa: E402
 
 
-def gpu_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def gpu_check(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHON": sys.executable, **(env or {})}
-    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.slow  # a tiny training run and several interpreters in the simulated image: about a minute
+@pytest.mark.slow  # a tiny training run and a dozen interpreters in the simulated image (67 s of CPU time)
 def test_gpu_check_dry_run_passes_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "report" / "check.md"
-    proc = gpu_check("--dry-run", "--out", str(out), env={"GPU_WHEELS": str(tmp_path / "no_wheels")})
+    proc = gpu_check("--dry-run", "--out", str(out), env={"GPU_WHEELS": str(tmp_path / "no_wheels")}, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for text in ("(a)   75 s  pytest -m gpu", "(s)   90 s  train/eval step time", "(f)   45 s  inference frames/s",
                  "--sizes 8x480x480 8x512x1024 --archs deeplabv3 --output-strides 8 --encoder resnet50 "
@@ -62,9 +62,11 @@ STAND_IN_PYTHON = r"""#!/usr/bin/env bash
 # Claims CUDA; every step passes except inference; the JSON report is written by the real Python.
 case "$*" in
   *cuda.is_available*) echo True ;;
+  *import\ segmentation_models_pytorch*) [[ -z "${STAND_IN_MISSING:-}" ]] ;;
+  "-m pip install "*) echo "$*" >"$PIP_ARGS" ;;
   *gpu_check.py\ env*) echo "- GPU 0: stand-in" ;;
   *gpu_check.py\ report-json*) exec "$REAL_PYTHON" "$@" ;;
-  *gpu_wheels.py\ verify*) echo "every listed wheel is installed" ;;
+  *gpu_wheels.py\ verify*) echo "every listed wheel is installed; PYTHONPATH=$PYTHONPATH" ;;
   *gpu_wheels.py\ imports*) echo "79 of 79 modules import" ;;
   *gpu_check.py\ parity*)
     while (($#)); do case "$1" in --out) out=$2 ;; esac; shift; done
@@ -103,6 +105,25 @@ def test_gpu_check_records_every_step_in_one_markdown_and_one_json_report(tmp_pa
     assert {p.name for p in out.parent.iterdir()} == {
         "gpu.md", "gpu.json", "gpu_sweep.md", "gpu_parity.json", "gpu_train.json",
         *(f"gpu_{s}.log" for s in "wapstf")}
+
+
+def test_gpu_check_installs_the_carried_wheels_offline_when_segs_packages_are_missing(tmp_path: Path) -> None:
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    wheels, site, pip_args = tmp_path / "wheels", tmp_path / "site", tmp_path / "pip_args"
+    wheels.mkdir()
+    (wheels / "albucore-0.0.24-py3-none-any.whl").touch()
+    out = tmp_path / "results" / "gpu.md"
+    env = {"PYTHON": str(python), "REAL_PYTHON": sys.executable, "STAND_IN_MISSING": "1", "GPU_WHEELS": str(wheels),
+           "GPU_SITE": str(site), "PIP_ARGS": str(pip_args), "PYTHONPATH": "/earlier"}
+    proc = gpu_check("--out", str(out), env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the stand-in's inference step fails
+    args = pip_args.read_text().split()
+    assert {"--no-index", "--no-deps"} <= set(args) and args[args.index("--target") + 1] == str(site)
+    assert str(wheels / "albucore-0.0.24-py3-none-any.whl") in args
+    assert f"1 wheels from {wheels} installed offline into {site}" in out.read_text()
+    assert f"PYTHONPATH={site}:/earlier" in (out.parent / "gpu_w.log").read_text()  # the steps see them first
 
 
 # -- benchmarks/gpu_wheels.py ---------------------------------------------------------------------------------
