@@ -21,6 +21,10 @@ above what the model and optimizer hold before the step; on CPU the peak residen
 the build) of a fresh subprocess that builds one model and runs two training steps, and that peak above the
 resident size just after the build (activations, gradients, optimizer state, allocator slack).
 
+The deconvolution table also shows the aten operations one training step dispatches (``TorchDispatchMode``,
+views included; independent of the input size) and its host synchronisations (``.item()``-like reads and
+host-to-device tensor constructions), for BN and deconvolution (``--no-op-count`` skips the counting step).
+
 ``--norm`` chooses the ``model.norm`` values timed, all in the same interleaved repetitions (default: bn
 deconv; bn, the baseline of every ratio, is always timed): with deconv, the table above; with any other
 norm, a second table with one row per norm (training step, eval forward, memory, each with its ratio to bn).
@@ -58,6 +62,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Run as a script from the repository root or from benchmarks/: make ``seg`` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -189,6 +194,35 @@ def breakdown(deconv_step, bn_step, repeats: int) -> dict[str, float]:
     return out
 
 
+# Operations that make the host wait for the device (or copy host data to it) when they run on a GPU.
+SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.lift_fresh")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active (views included) and the host synchronisations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += str(func.overloadpacket) in SYNC_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(steps: dict[str, object], norms: list[str]) -> dict[str, int]:
+    """``ops_<norm>``, ``syncs_<norm>``: aten operations and host syncs of one training step of each model
+    (forward, loss, backward, SGD step), counted after the timed (warm) steps. Counts do not depend on the input
+    size; on a GPU every non-view operation is a kernel launch."""
+    out = {}
+    for n in norms:
+        with OpCounter() as counter:
+            steps[n]()
+        out[f"ops_{n}"], out[f"syncs_{n}"] = counter.ops, counter.syncs
+    return out
+
+
 def cuda_memory(step: TrainStep, device: torch.device) -> dict:
     sync(device)
     base = torch.cuda.memory_allocated(device)
@@ -257,6 +291,8 @@ def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch
         samples[f"train_{name}"] = [v / deconv.stats_every for v in samples[f"train_{name}"]]
     if args.breakdown:
         t.update(breakdown(steps["deconv"], steps["bn"], args.repeats))
+    if args.op_count:
+        t.update(op_counts(steps, args.norm))
     mem = step_memory(arch, output_stride, args, device, steps)
     evals = {f"eval_{n}": eval_forward(models[n], x, device) for n in args.norm}
     if "deconv" in models:
@@ -268,7 +304,8 @@ def bench(arch: str, output_stride: int, args: argparse.Namespace, device: torch
 def deconv_header(mem_what: str) -> str:
     return (f"| model | OS | train BN (s) | train deconv (s) | train ratio | eval BN (s) | eval deconv cached (s) "
             f"| eval deconv folded (s) | eval ratio cached / folded | memory BN ({mem_what}) | memory deconv "
-            f"| memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            f"| memory ratio | aten ops BN | aten ops deconv | ops ratio | host syncs BN / deconv "
+            f"|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def deconv_row(model: str, output_stride: int, r: dict[str, float]) -> str:
@@ -278,11 +315,16 @@ def deconv_row(model: str, output_stride: int, r: dict[str, float]) -> str:
            f"{r['eval_folded']:.3f} | {r['eval_deconv'] / r['eval_bn']:.2f}x / "
            f"{r['eval_folded'] / r['eval_bn']:.2f}x | ")
     if "peak_mib_bn" not in r:
-        return row + "- | - | - |"
-    return row + (f"{r['peak_mib_bn']:.0f} / {r['step_mib_bn']:.0f} | "
-                  f"{r['peak_mib_deconv']:.0f} / {r['step_mib_deconv']:.0f} | "
-                  f"{r['peak_mib_deconv'] / r['peak_mib_bn']:.2f}x / "
-                  f"{r['step_mib_deconv'] / r['step_mib_bn']:.2f}x |")
+        row += "- | - | - | "
+    else:
+        row += (f"{r['peak_mib_bn']:.0f} / {r['step_mib_bn']:.0f} | "
+                f"{r['peak_mib_deconv']:.0f} / {r['step_mib_deconv']:.0f} | "
+                f"{r['peak_mib_deconv'] / r['peak_mib_bn']:.2f}x / "
+                f"{r['step_mib_deconv'] / r['step_mib_bn']:.2f}x | ")
+    if "ops_bn" not in r:
+        return row + "- | - | - | - |"
+    return row + (f"{r['ops_bn']} | {r['ops_deconv']} | {r['ops_deconv'] / r['ops_bn']:.2f}x | "
+                  f"{r['syncs_bn']} / {r['syncs_deconv']} |")
 
 
 def print_norm_table(results: list[tuple[str, int, dict]], norms: list[str], mem_what: str) -> None:
@@ -414,6 +456,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
                              "deconvolution's extra time goes")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="CPU: skip the peak-memory subprocesses")
+    parser.add_argument("--no-op-count", dest="op_count", action="store_false",
+                        help="skip counting the aten operations and host syncs of one training step per model")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)

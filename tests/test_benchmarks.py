@@ -28,8 +28,11 @@ def test_train_step_prints_ratios_norms_variants_and_breakdown():
                "--breakdown", "--norm", "deconv", "gn", "none")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    main = next(line for line in lines if line.startswith("| fcn resnet18 | 16 | ") and line.count("|") == 13)
+    main = next(line for line in lines if line.startswith("| fcn resnet18 | 16 | ") and line.count("|") == 17)
     assert float(main.split("|")[5].strip().rstrip("x")) > 0  # the deconv/BN training ratio
+    # Operations of one step: more with deconvolution than with BN, and no host sync in either.
+    ops_bn, ops_deconv, ratio, syncs = (c.strip() for c in main.split("|")[13:17])
+    assert int(ops_deconv) > int(ops_bn) > 0 and ratio.endswith("x") and syncs == "0 / 0"
     # One row per norm, bn (the baseline, timed though not named) first, each with its ratios to bn.
     norms = [line.split("|") for line in lines if line.startswith("| fcn resnet18 | 16 | ") and line.count("|") == 10]
     assert [cells[3].strip() for cells in norms] == ["bn", "deconv", "gn", "none"]
