@@ -118,6 +118,8 @@ def run_study(
             values[variant].append(value)
         new_specs = plan_sweep_runs(study, out, cli_opts, {v: [x] for v, x in added.items()})
         selection_specs += new_specs
+        if added and not plan(new_specs, lambda _: None):  # trained in an earlier call: choose again first
+            continue
         specs = plan_runs(study, out, cli_opts, final)
         more, signum = _run([*new_specs, *specs], device, jobs, gpus, log)
         outcomes.update(more)
