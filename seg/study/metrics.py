@@ -1,5 +1,6 @@
 """Which validation numbers a study compares: the task's own metric (``Task.metric``, the one that picks
-``best.pth``: mIoU for segmentation, top-1 for classification) and a secondary one shown next to it."""
+``best.pth``: mIoU for segmentation, top-1 for classification) and the secondary one the task names
+(``Task.secondary_metric``) shown next to it."""
 
 from __future__ import annotations
 
@@ -7,13 +8,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from seg.tasks import TASKS
-
-# The task's metric -> (secondary metric, its label, further final values copied per run into study.json).
-# All are keys of the task's val records in metrics.jsonl (seg/tasks/*.py, ``val_event``).
-SECONDARY: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "miou": ("acc", "pixel acc", ("macc",)),
-    "top1": ("top5", "top-5", ()),
-}
 
 
 @dataclass(frozen=True)
@@ -43,8 +37,7 @@ class StudyMetric:
 def metric_for_task(task: str) -> StudyMetric:
     """The metrics a study of ``task`` (a key of :data:`seg.tasks.TASKS`) compares."""
     cls = TASKS[task]
-    secondary, secondary_label, extra = SECONDARY.get(cls.metric, (None, None, ()))
-    return StudyMetric(cls.metric, cls.metric_label, secondary, secondary_label, extra)
+    return StudyMetric(cls.metric, cls.metric_label, cls.secondary_metric, cls.secondary_label, cls.extra_metrics)
 
 
 SEGMENTATION = metric_for_task("segmentation")

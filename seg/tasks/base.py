@@ -27,6 +27,11 @@ class Task(ABC):
 
     metric: str  # key in the validation metrics
     metric_label: str  # how logs name it
+    # What a study shows next to ``metric`` (seg/study): a second validation value and its label, and further
+    # validation keys copied per run into study.json.
+    secondary_metric: str | None = None
+    secondary_label: str | None = None
+    extra_metrics: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

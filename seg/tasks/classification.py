@@ -92,6 +92,7 @@ def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
 class ClassificationTask(Task):
     metric = "top1"
     metric_label = "top-1"
+    secondary_metric, secondary_label = "top5", "top-5"
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         train_set, val_set = build_classification_datasets(self.cfg)

@@ -34,6 +34,7 @@ def denormalize(image: torch.Tensor, mean: list[float], std: list[float]) -> np.
 class SegmentationTask(Task):
     metric = "miou"
     metric_label = "mIoU"
+    secondary_metric, secondary_label, extra_metrics = "acc", "pixel acc", ("macc",)
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.cfg.data
