@@ -1,4 +1,5 @@
-"""What only a CUDA GPU shows (issue 13): mixed-precision training with float32 whitening, the Newton–Schulz
+"""What only a CUDA GPU shows (issues 13, 21): mixed-precision training with float32 whitening (every deconvolution
+layer within 1% of float32 under autocast, the stem convolving in float32), ``amp: auto`` by the GPU, the Newton–Schulz
 iterations (``isqrt_method: iterate``, the CUDA default) against the eigendecomposition form, fold and
 TorchScript export on the GPU, NCCL and SyncBatchNorm, IterNorm under autocast.
 
@@ -141,6 +142,29 @@ def test_fastdeconv_whitens_in_float32_under_autocast(amp: str) -> None:
     with torch.no_grad():
         y_eval32 = ref(x)
     assert (y_eval.float() - y_eval32).abs().max() / y_eval32.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("amp", AMPS)
+def test_every_deconv_layer_within_one_percent_under_autocast(amp: str, synthetic_root) -> None:
+    # tests/test_nn_deconv_amp.py on the device: each FastDeconv layer of a deconvolution DeepLabV3, on the input
+    # it sees in float32 on synthetic photos, under autocast against float32 (TF32 off), training and eval mode.
+    from tests.test_nn_deconv_amp import _errors, _layer_inputs, _photos, _warmed
+
+    torch.manual_seed(0)
+    x = _photos(synthetic_root)
+    model = _warmed(build_model(_small_model_cfg("deconv")), x)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FastDeconv)}
+    inputs = _layer_inputs(model, x)
+    for mode in ("train", "eval"):
+        errors = _errors(layers, inputs, mode, DEVICE, DTYPES[amp])
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 0.01, f"{amp} {mode}: {worst} off by {errors[worst]:.2%} (all: {errors})"
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the GPU's own capability")
+def test_amp_auto_follows_this_gpus_native_bf16() -> None:
+    major, _ = torch.cuda.get_device_capability(DEVICE)
+    assert resolve_amp("auto", DEVICE) == (torch.bfloat16 if major >= 8 else torch.float16)
 
 
 @pytest.mark.parametrize("amp", AMPS)

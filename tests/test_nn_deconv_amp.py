@@ -25,6 +25,7 @@ from seg.models import build_model
 from seg.nn import FastDeconv, deconvolve
 from seg.nn.deconv import FLOAT32_CONV_N_ITER
 
+CPU = torch.device("cpu")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the data pipeline's ImageNet normalisation
 
 
@@ -64,18 +65,20 @@ def _warmed(layer: nn.Module, x: torch.Tensor) -> nn.Module:
     return layer.eval()
 
 
-def _errors(layers: dict[str, FastDeconv], inputs: dict[str, torch.Tensor], mode: str) -> dict[str, float]:
-    """Relative L2 error of each layer's output under bf16 autocast against float32, on the same input."""
+def _errors(layers: dict[str, FastDeconv], inputs: dict[str, torch.Tensor], mode: str,
+            device: torch.device = CPU, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Relative L2 error of each layer's output under autocast (``dtype``) against float32, on the same input,
+    on ``device`` (tests/test_gpu.py runs it on CUDA)."""
     errors = {}
     for name, layer in layers.items():
-        x = inputs[name]
-        ref_layer, amp_layer = (copy.deepcopy(layer).train(mode == "train") for _ in range(2))
+        x = inputs[name].to(device)
+        ref_layer, amp_layer = (copy.deepcopy(layer).to(device).train(mode == "train") for _ in range(2))
         with torch.no_grad():
             ref = ref_layer(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                # Body layers get their input in bf16, as the bf16 layer before them hands it over; the
-                # stem gets the float32 image, as the model's input.
-                y = amp_layer(x if layer.in_channels == 3 else x.to(torch.bfloat16))
+            with torch.autocast(device.type, dtype=dtype):
+                # Body layers get their input in half precision, as the layer before them hands it over;
+                # the stem gets the float32 image, as the model's input.
+                y = amp_layer(x if layer.in_channels == 3 else x.to(dtype))
         errors[name] = _relative_error(y, ref)
     return errors
 
