@@ -117,6 +117,7 @@ def test_the_stem_convolving_in_bf16_would_be_far_off(stem_and_body, mode: str, 
     assert _errors({"stem": layers["stem"]}, inputs, mode)["stem"] > 0.015
 
 
+@pytest.mark.slow  # 1.4 s on a quiet machine, up to 110 s on this loaded one (the stem test above stays fast)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_every_layer_of_a_deconv_deeplabv3_within_one_percent_under_bf16(synthetic_root: Path, mode: str) -> None:
     torch.manual_seed(0)
