@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -192,8 +193,12 @@ def test_classifier_can_stay_plain() -> None:
 
 
 def test_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SyncBatchNorm follows the process group's backend (NCCL: CUDA), not torch.cuda.is_available(): a gloo run
+    # on a GPU machine keeps BatchNorm.
     monkeypatch.setattr(build_module, "_world_size", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
     with pytest.warns(UserWarning, match="SyncBatchNorm does not run on CPU"):
         model = build(arch="fcn", norm="bn", output_stride=16)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
@@ -201,7 +206,7 @@ def test_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     model = build(arch="fcn", norm="deconv", output_stride=16)
     assert all(m.sync for m in model.modules() if isinstance(m, FastDeconv))
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     model = build(arch="fcn", norm="bn", output_stride=16)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
