@@ -554,9 +554,11 @@ def test_selection_rule_by_hand(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_sweep(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """bn and deconv, lr in {0.01, 0.1} on selection seed 7 (1 iteration), then seeds 0, 1 at the pick."""
+    """bn, lr in {0.01, 0.1} on selection seed 7 (1 iteration), then seed 0 at the pick (3 runs: the sweep
+    logic per variant is tested by hand above; this one checks that real runs go through it)."""
     d = tmp_path_factory.mktemp("sweep")
-    study = load_study(write_study(d / "tiny.yaml", sweep=SWEEP, opts=["train.iterations=2"]))
+    study = load_study(write_study(d / "tiny.yaml", sweep=SWEEP, opts=["train.iterations=2"], seeds=[0],
+                                   variants={"bn": ["model.norm=bn"]}))
     lines: list[str] = []
     opts = [o for o in tiny_opts(synthetic_root) if not o.startswith("train.iterations")]
     result = run_study(study, d / "out", opts, device="cpu", jobs=2, log=lines.append)
@@ -568,7 +570,7 @@ def test_tiny_sweep_picks_then_reports(tiny_sweep: dict) -> None:
     assert not result.failed and result.signum is None, [r.message for r in result.failed]
     summary = json.loads((out / "study.json").read_text())
     sel = summary["sweep"]
-    for variant in ("bn", "deconv"):
+    for variant in ("bn",):
         rows = sel["variants"][variant]["values"]
         finals = []
         for row in rows:
@@ -579,12 +581,12 @@ def test_tiny_sweep_picks_then_reports(tiny_sweep: dict) -> None:
         picked = sel["variants"][variant]["picked"]
         assert picked == rows[finals.index(max(finals))]["value"]
         assert f"picked train.lr={picked} for {variant} (best_mean_final)" in tiny_sweep["log"]
-        for seed in (0, 1):  # the reported runs: their own seeds, at the pick, the study's iterations (not 1)
+        for seed in (0,):  # the reported run: its own seed, at the pick, the study's iterations (not 1)
             ckpt = load_checkpoint(out / variant / f"seed{seed}" / "last.pth")
             assert ckpt["config"]["train"]["lr"] == picked and ckpt["config"]["train"]["seed"] == seed
             assert ckpt["iteration"] == 2
-        assert summary["variants"][variant]["counts"]["finished"] == 2
-    assert [r.seed for r in result.runs] == [0, 1, 0, 1] and {r.seed for r in result.selection_runs} == {7}
+        assert summary["variants"][variant]["counts"]["finished"] == 1
+    assert [r.seed for r in result.runs] == [0] and [r.seed for r in result.selection_runs] == [7, 7]
     md = (out / "study.md").read_text()
     assert "Selection of `train.lr`" in md and "best_mean_final" in md and "miou_vs_lr.png" in md
     assert (out / "miou_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -597,7 +599,7 @@ def test_tiny_sweep_second_call_skips_everything(tiny_sweep: dict) -> None:
     result = run_study(tiny_sweep["study"], tiny_sweep["out"], tiny_sweep["opts"], device="cpu", jobs=2,
                        log=lines.append)
     assert not result.failed
-    assert sum(line.startswith("skip") for line in lines) == 8 and not any("start" in line for line in lines)
+    assert sum(line.startswith("skip") for line in lines) == 3 and not any("start" in line for line in lines)
     assert any(line.startswith("skip bn/lr_0.01/seed7") for line in lines)
 
 
