@@ -32,11 +32,15 @@ class PreActBlock(nn.Module):
         needs_projection = stride != 1 or in_planes != planes
         self.shortcut = convs(in_planes, planes, 1, stride, deconv_bias=True) if needs_projection else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(branch output, shortcut) of the block; subclasses combine them differently (SENet)."""
         out = F.relu(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out)
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        return self.conv2(F.relu(self.bn2(out))), shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, shortcut = self.residual(x)
         return out + shortcut
 
 

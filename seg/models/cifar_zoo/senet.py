@@ -13,30 +13,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.models.cifar_zoo._layers import ClassifierLayer, Convs, Deconv, squeeze_excite
+from seg.models.cifar_zoo.preact import PreActBlock
 
 STEM_SETTINGS = {"deconv_bias": True, "freeze": True, "n_iter": 15}
 SE_REDUCTION = 16
 
 
-class SEPreActBlock(nn.Module):
+class SEPreActBlock(PreActBlock):
     """The reference's ``senet.PreActBlock``: a pre-activation block whose branch is rescaled by SE weights."""
 
     def __init__(self, in_planes: int, planes: int, stride: int, convs: Convs) -> None:
-        super().__init__()
-        self.bn1 = convs.norm(in_planes)
-        self.conv1 = convs(in_planes, planes, 3, stride, 1, deconv_bias=True)
-        self.bn2 = convs.norm(planes)
-        self.conv2 = convs(planes, planes, 3, 1, 1, deconv_bias=True)
-        needs_projection = stride != 1 or in_planes != planes
-        self.shortcut = convs(in_planes, planes, 1, stride, deconv_bias=True) if needs_projection else None
+        super().__init__(in_planes, planes, stride, convs)
         self.fc1 = convs(planes, planes // SE_REDUCTION, 1, bias=True)
         self.fc2 = convs(planes // SE_REDUCTION, planes, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out, shortcut = self.residual(x)
         return out * squeeze_excite(out, self.fc1, self.fc2) + shortcut
 
 
