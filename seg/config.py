@@ -18,6 +18,7 @@ import yaml
 from seg.errors import UserError
 
 SEGMENTATION_ARCHS = ("deeplabv3", "deeplabv3plus", "fcn")
+MNIST_DATASETS = ("mnist", "fashion_mnist")
 
 
 class ConfigError(UserError, ValueError):
@@ -143,8 +144,8 @@ class ModelConfig(_Section):
     _key = "model"
     # segmentation: deeplabv3 | deeplabv3plus | fcn; classification: a CIFAR architecture of the paper
     # (vgg11/13/16/19, resnet18/34/50, preact_resnet18, densenet121, resnext29_32x4d, mobilenetv2, dpn92,
-    # pnasnet_a, pnasnet_b, senet18, efficientnet_b0) or any torchvision/timm classifier by name (tv:resnet50,
-    # timm:densenet121)
+    # pnasnet_a, pnasnet_b, senet18, efficientnet_b0), its MNIST / Fashion-MNIST network (mlp) or any
+    # torchvision/timm classifier by name (tv:resnet50, timm:densenet121)
     arch: str = "deeplabv3"
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
     output_stride: int = opt(8, choices=(8, 16))
@@ -169,8 +170,10 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     _key = "data"
     # cityscapes (the Cityscapes layout, segmentation); cifar10 | cifar100 (the official python archives
-    # under root) | imagenet (root/train/<class>/..., root/val/<class>/...) for classification
-    dataset: str = opt("cityscapes", choices=("cityscapes", "cifar10", "cifar100", "imagenet"))
+    # under root) | mnist | fashion_mnist (the four official idx files in root; model.arch mlp) | imagenet
+    # (root/train/<class>/..., root/val/<class>/...) for classification
+    dataset: str = opt("cityscapes", choices=("cityscapes", "cifar10", "cifar100", "mnist", "fashion_mnist",
+                                              "imagenet"))
     root: str = "datasets/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
@@ -231,6 +234,9 @@ class TrainConfig(_Section):
     # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | none
     amp: str = opt("auto", choices=("auto", "bf16", "fp16", "none"))
     ignore_index: int = opt(255, ge=0)
+    # Classification loss: ce (cross-entropy) or l2, the reference's --loss L2: the squared error of the logits
+    # against one-hot targets, halved, summed over classes and averaged over the batch.
+    loss: str = opt("ce", choices=("ce", "l2"))
     seed: int = opt(0, ge=0)
     log_interval: int = opt(20, ge=1)
     val_interval: int = opt(1000, ge=1)
@@ -275,9 +281,17 @@ class Config(_Section):
             if self.data.label_mapping == "reference" and self.model.num_classes != 21:
                 raise ConfigError(f"key 'model.num_classes' has value {self.model.num_classes} with "
                                   f"data.label_mapping 'reference', expected 21 (void, 19 classes, one unused)")
+            if self.train.loss != "ce":
+                raise ConfigError(f"key 'train.loss' has value {self.train.loss!r}; segmentation trains with "
+                                  "cross-entropy, expected 'ce'")
         elif self.data.dataset == "cityscapes":
             raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
-                              "'classification' expects one of cifar10, cifar100, imagenet")
+                              "'classification' expects one of cifar10, cifar100, mnist, fashion_mnist, imagenet")
+        elif (self.data.dataset in MNIST_DATASETS) != (self.model.arch == "mlp"):
+            # The reference's CIFAR and ImageNet networks take 3-channel images; its MLP takes 784 values.
+            raise ConfigError(f"key 'model.arch' has value {self.model.arch!r} with data.dataset "
+                              f"{self.data.dataset!r}; the 1 x 28 x 28 MNIST / Fashion-MNIST images go with "
+                              f"model.arch 'mlp' (the paper's MNIST network) and 'mlp' with them only")
 
 
 # --------------------------------------------------------------------------------------------

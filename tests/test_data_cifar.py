@@ -290,7 +290,7 @@ def test_unknown_name_is_a_user_error(standin):
     with pytest.raises(UnknownDatasetError, match="cifar10, cifar100"):
         CifarDataset(standin, "cifar1000", train=True)
     with pytest.raises(UnknownDatasetError, match="imagenet"):
-        build_classification_transforms("mnist", train=True)
+        build_classification_transforms("svhn", train=True)  # the reference has it; we do not
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,14 +5,18 @@ albumentations equivalents, built with ``Compose(strict=True)`` so a misspelt ar
 
 * CIFAR-10/100 (``main.py``): train ``RandomCrop(32, padding=4)`` (zero padding) + ``RandomHorizontalFlip()``;
   test: no augmentation. Both ``ToTensor()`` + ``Normalize(mean, std)`` with the per-dataset numbers below.
+* MNIST / Fashion-MNIST (``main.py``): 28x28 single-channel images, no augmentation in training or test;
+  MNIST ``ToTensor()`` + ``Normalize((0.1307,), (0.3081,))``, Fashion-MNIST ``ToTensor()`` only (values in
+  [0, 1]: mean 0, std 1 here).
 * ImageNet (``main_imagenet.py``): train ``RandomResizedCrop(224)`` (scale 0.08..1, ratio 3/4..4/3) +
   ``RandomHorizontalFlip()``; val ``Resize(256)`` (short side) + ``CenterCrop(224)``; ImageNet mean/std.
   Resizing uses bilinear interpolation, INTER_AREA when shrinking (torchvision/PIL antialias when shrinking);
   output sizes can differ from torchvision's by a pixel (rounding of the long side and of the centre offset).
 
-Pipelines take ``pipeline(image=rgb_uint8_hwc)`` and return ``{"image": float32 tensor 3xHxW}``. They are
-albumentations ``Compose`` objects, so they support ``set_random_state(np_rng, py_random)``: the per-sample
-seeding of :class:`seg.engine.sampling.SeededSamples` and :func:`seg.data.seeding.worker_init_fn` applies.
+Pipelines take ``pipeline(image=rgb_uint8_hwc)`` (MNIST: a uint8 HxW grey image) and return ``{"image":
+float32 tensor CxHxW}`` (C = 3; 1 for MNIST). They are albumentations ``Compose`` objects, so they support
+``set_random_state(np_rng, py_random)``: the per-sample seeding of :class:`seg.engine.sampling.SeededSamples`
+and :func:`seg.data.seeding.worker_init_fn` applies.
 """
 
 from __future__ import annotations
@@ -33,13 +37,19 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2009, 0.1984, 0.2023)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+# The reference's Fashion-MNIST pipeline is ToTensor() alone: pixels / 255, no mean/std.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.0,), (1.0,)
 
-NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "mnist": (MNIST_MEAN, MNIST_STD),
+    "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
 }
 CIFAR_NAMES = ("cifar10", "cifar100")
+MNIST_NAMES = ("mnist", "fashion_mnist")
 DATASET_NAMES = tuple(NORMALIZATION)
 
 # Geometry of the reference pipelines.
@@ -126,12 +136,21 @@ def imagenet_transforms(
     return _finish(steps, mean, std, seed)
 
 
+def mnist_transforms(mean=MNIST_MEAN, std=MNIST_STD, seed: int | None = None) -> A.Compose:
+    """MNIST-style pipeline, the same for training and test (the reference augments neither): scale to
+    [0, 1] and normalise; a uint8 HxW grey image becomes a float32 1xHxW tensor."""
+    return _finish([], mean, std, seed)
+
+
 def build_classification_transforms(dataset: str, train: bool, seed: int | None = None) -> A.Compose:
-    """The reference pipeline of ``dataset`` (``cifar10``, ``cifar100`` or ``imagenet``) for training
-    (``train=True``) or evaluation, with the reference's mean/std. Call it as ``pipeline(image=rgb)["image"]``.
+    """The reference pipeline of ``dataset`` (``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist`` or
+    ``imagenet``) for training (``train=True``) or evaluation, with the reference's mean/std. Call it as
+    ``pipeline(image=rgb)["image"]``.
     """
     check_dataset_name(dataset)
     mean, std = NORMALIZATION[dataset]
     if dataset in CIFAR_NAMES:
         return cifar_transforms(train, mean, std, seed=seed)
+    if dataset in MNIST_NAMES:
+        return mnist_transforms(mean, std, seed=seed)
     return imagenet_transforms(train, mean, std, seed=seed)

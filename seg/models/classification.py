@@ -9,6 +9,9 @@
   ``norm: deconv`` and ``bn`` are the reference's models; every other ``model.norm`` replaces the BatchNorm
   layers of the ``bn`` model through the same :data:`seg.models.build.NORMS` appliers segmentation uses.
   ``model.block_fc`` / ``model.fc_whitening`` give the reference's classifier whitening.
+* ``mlp``: the paper's MNIST / Fashion-MNIST network (:mod:`seg.models.mlp`; 784-128-128-classes with sigmoids),
+  ``model.norm`` none, bn or deconv (a ``ChannelDeconv`` with the ``model.channel_deconv`` settings before every
+  ``Linear``), as the reference's ``--arch mlp --method 1/2/3``.
 * ``tv:<name>``: ``torchvision.models.get_model(name, weights=None, num_classes=...)`` (e.g. ``tv:resnet50``,
   the paper's ImageNet models), then ``model.norm`` applied as for segmentation: ``deconv`` runs
   :func:`seg.nn.deconvolve` with the ``model.deconv`` settings (stem settings on the conv that sees the image).
@@ -34,12 +37,15 @@ from seg.checkpoint import read_weights
 from seg.config import ConfigError, DeconvConfig, ModelConfig
 from seg.models.build import NORMS
 from seg.models.cifar import CIFAR_ARCHS, build_cifar_model
+from seg.models.mlp import MLP, MLP_NORMS
 from seg.models.weights import check_keys
 from seg.nn import Delinear
 
 PREFIXES = ("tv:", "timm:")
-ARCH_EXAMPLES = (f"{', '.join(CIFAR_ARCHS)} (the paper's CIFAR networks), tv:<torchvision model> "
-                 "(e.g. tv:resnet18, tv:resnet50) or timm:<timm model> (e.g. timm:resnet50, timm:densenet121)")
+MLP_ARCHS = ("mlp",)  # the paper's MNIST / Fashion-MNIST network
+ARCH_EXAMPLES = (f"{', '.join(CIFAR_ARCHS)} (the paper's CIFAR networks), mlp (its MNIST network), "
+                 "tv:<torchvision model> (e.g. tv:resnet18, tv:resnet50) or timm:<timm model> (e.g. timm:resnet50, "
+                 "timm:densenet121)")
 # model.deconv fields build_cifar_model takes; ``sync`` comes from the build's decision and ``classifier``
 # (the segmentation heads' 1x1 classifier) has no counterpart here (model.block_fc is the classifier's).
 CIFAR_DECONV_FIELDS = frozenset({"block", "sampling_stride", "n_iter", "eps", "momentum"})
@@ -48,7 +54,7 @@ _NOT_CIFAR = frozenset({"sync", "classifier"})
 
 def is_classification_arch(arch: str) -> bool:
     """Whether ``model.arch`` names a classifier this module builds (not whether that model exists)."""
-    return arch in CIFAR_ARCHS or arch.startswith(PREFIXES)
+    return arch in CIFAR_ARCHS or arch in MLP_ARCHS or arch.startswith(PREFIXES)
 
 
 def _check_cifar_deconv(d: DeconvConfig) -> None:
@@ -88,6 +94,19 @@ def _cifar(cfg: ModelConfig, sync: bool) -> nn.Module:
         return NORMS["bn"](model, cfg, sync) if keeps_bn else model
     # Every other norm replaces the BatchNorm layers of the bn model.
     return NORMS[cfg.norm](model, cfg, sync)
+
+
+def _mlp(cfg: ModelConfig, sync: bool) -> nn.Module:
+    if cfg.norm not in MLP_NORMS:
+        raise ConfigError(f"key 'model.norm' has value {cfg.norm!r}; model.arch 'mlp' (the reference's --method "
+                          f"1/2/3) takes one of {', '.join(MLP_NORMS)}")
+    if cfg.block_fc > 0:
+        raise ConfigError(f"key 'model.block_fc' has value {cfg.block_fc}; model.arch 'mlp' has no separate "
+                          "classifier whitening (norm deconv whitens every Linear's input already), expected 0")
+    c = cfg.channel_deconv
+    whitening = dict(block=c.block, eps=c.eps, n_iter=c.n_iter, momentum=c.momentum,
+                     sampling_stride=c.sampling_stride, sync=sync)
+    return MLP(cfg.num_classes, cfg.norm, whitening=whitening)
 
 
 def _library_model(cfg: ModelConfig) -> nn.Module:
@@ -144,6 +163,8 @@ def build_classifier(cfg: ModelConfig, sync: bool) -> nn.Module:
     """
     if cfg.arch in CIFAR_ARCHS:
         model = _cifar(cfg, sync)
+    elif cfg.arch in MLP_ARCHS:
+        model = _mlp(cfg, sync)
     elif cfg.arch.startswith(PREFIXES) and cfg.arch.partition(":")[2]:
         model = _library_model(cfg)
         if cfg.block_fc > 0:

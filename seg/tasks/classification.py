@@ -1,4 +1,5 @@
-"""Image classification (CIFAR-10/100, ImageNet-style class folders): cross-entropy, top-1/top-5 accuracy."""
+"""Image classification (CIFAR-10/100, MNIST, Fashion-MNIST, ImageNet-style class folders): cross-entropy (or
+the reference's L2 loss), top-1/top-5 accuracy."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from seg.config import Config, ConfigError
+from seg.config import MNIST_DATASETS, Config, ConfigError
 from seg.data import CifarDataset, DatasetError, ImageFolderDataset, build_classification_transforms
+from seg.data.mnist import MnistDataset
 from seg.engine.writers import Event
 from seg.evaluation.classification import evaluate_classification
 from seg.models import build_model
@@ -31,6 +33,9 @@ IMAGENET_HINT = (
 
 def _data_error(cfg: Config, e: DatasetError) -> DataRootError:
     data = cfg.data
+    if data.dataset in MNIST_DATASETS:  # the reader's message already says where the files go: keep one line
+        return DataRootError(f"{e} (data.root={data.root}; to try without a download: python "
+                             f"tools/make_mnist_standin.py --root {data.root} --kind {data.dataset})")
     if data.dataset == "imagenet":
         hint = IMAGENET_HINT.format(train=data.train_split, val=data.val_split)
     else:
@@ -38,7 +43,7 @@ def _data_error(cfg: Config, e: DatasetError) -> DataRootError:
     return DataRootError(f"{e}\n\n{hint}")
 
 
-def _check_num_classes(cfg: Config, dataset: CifarDataset | ImageFolderDataset) -> None:
+def _check_num_classes(cfg: Config, dataset: CifarDataset | MnistDataset | ImageFolderDataset) -> None:
     if cfg.model.num_classes != dataset.num_classes:
         raise ConfigError(
             f"key 'model.num_classes' has value {cfg.model.num_classes}, but the {cfg.data.dataset} data at "
@@ -49,7 +54,8 @@ def _check_num_classes(cfg: Config, dataset: CifarDataset | ImageFolderDataset) 
 def build_classification_eval_dataset(cfg: Config, split: str) -> Dataset:
     """One split of ``cfg.data`` with the evaluation transform (no augmentation), e.g. for ``tools/eval.py``.
 
-    CIFAR: ``train`` is the 50000 training images, any other split name the 10000 test images. Image folders:
+    CIFAR: ``train`` is the 50000 training images, any other split name the 10000 test images; MNIST and
+    Fashion-MNIST likewise (60000 / 10000). Image folders:
     ``data.root/<split>`` (its class folders must be those of ``data.root/train``). Raises
     :class:`DataRootError` and, when ``model.num_classes`` does not fit the data, :class:`ConfigError`.
     """
@@ -58,6 +64,8 @@ def build_classification_eval_dataset(cfg: Config, split: str) -> Dataset:
     try:
         if name in ("cifar10", "cifar100"):
             dataset = CifarDataset(cfg.data.root, name, train=split == "train", transform=transform)
+        elif name in MNIST_DATASETS:
+            dataset = MnistDataset(cfg.data.root, name, train=split == "train", transform=transform)
         else:
             dataset = ImageFolderDataset(cfg.data.root, split, transform)
     except DatasetError as e:
@@ -67,8 +75,9 @@ def build_classification_eval_dataset(cfg: Config, split: str) -> Dataset:
 
 
 def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
-    """(train, val) of ``cfg.data`` with the reference transforms; the val split is CIFAR's test batch or the
-    image folder ``data.val_split`` (whose class folders must be those of ``data.train_split``).
+    """(train, val) of ``cfg.data`` with the reference transforms; the val split is CIFAR's test batch, the
+    MNIST / Fashion-MNIST ``t10k`` files or the image folder ``data.val_split`` (whose class folders must be
+    those of ``data.train_split``).
 
     Raises :class:`DataRootError` for a missing or unusable dataset and :class:`ConfigError` when
     ``model.num_classes`` is not the dataset's number of classes.
@@ -79,6 +88,9 @@ def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
         if name in ("cifar10", "cifar100"):
             train_set = CifarDataset(data.root, name, train=True, transform=build_classification_transforms(name, True))
             val_set = CifarDataset(data.root, name, train=False, transform=build_classification_transforms(name, False))
+        elif name in MNIST_DATASETS:
+            train_set = MnistDataset(data.root, name, train=True, transform=build_classification_transforms(name, True))
+            val_set = MnistDataset(data.root, name, train=False, transform=build_classification_transforms(name, False))
         else:
             train_set = ImageFolderDataset(data.root, data.train_split, build_classification_transforms(name, True))
             val_set = ImageFolderDataset(data.root, data.val_split, build_classification_transforms(name, False),
@@ -87,6 +99,13 @@ def build_classification_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
         raise _data_error(cfg, e) from e
     _check_num_classes(cfg, train_set)
     return train_set, val_set
+
+
+def l2_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The reference's ``--loss L2``: ``MSELoss(outputs, one_hot) * num_classes * 0.5``, i.e. half the squared
+    error summed over classes, averaged over the batch (in float32)."""
+    one_hot = F.one_hot(targets, outputs.shape[1]).float()
+    return 0.5 * (outputs.float() - one_hot).square().sum(1).mean()
 
 
 class ClassificationTask(Task):
@@ -104,6 +123,8 @@ class ClassificationTask(Task):
         return build_model(self.cfg.model)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.loss == "l2":
+            return l2_loss(outputs, targets)
         return F.cross_entropy(outputs.float(), targets)
 
     def evaluate(
