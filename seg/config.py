@@ -234,9 +234,15 @@ class TrainConfig(_Section):
     # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | none
     amp: str = opt("auto", choices=("auto", "bf16", "fp16", "none"))
     ignore_index: int = opt(255, ge=0)
-    # Classification loss: ce (cross-entropy) or l2, the reference's --loss L2: the squared error of the logits
-    # against one-hot targets, halved, summed over classes and averaged over the batch.
-    loss: str = opt("ce", choices=("ce", "l2"))
+    # ce: cross-entropy (both tasks). Classification also l2, the reference's --loss L2: the squared error of
+    # the logits against one-hot targets, halved, summed over classes and averaged over the batch. Segmentation
+    # also ohem: online hard example mining as mmsegmentation's OHEMPixelSampler (seg/tasks/pixel_loss.py):
+    # pixels whose true-class probability is below max(ohem_thresh, the ohem_min_kept-th smallest) train.
+    loss: str = opt("ce", choices=("ce", "l2", "ohem"))
+    ohem_thresh: float = opt(0.7, gt=0, le=1)
+    ohem_min_kept: int = opt(100000, ge=0)  # per step, over the whole batch (mmsegmentation's Cityscapes value)
+    # Segmentation: a weight per class for the pixel loss (model.num_classes values; null: all 1).
+    class_weights: list[float] | None = opt(None, gt=0)
     seed: int = opt(0, ge=0)
     log_interval: int = opt(20, ge=1)
     val_interval: int = opt(1000, ge=1)
@@ -281,9 +287,17 @@ class Config(_Section):
             if self.data.label_mapping == "reference" and self.model.num_classes != 21:
                 raise ConfigError(f"key 'model.num_classes' has value {self.model.num_classes} with "
                                   f"data.label_mapping 'reference', expected 21 (void, 19 classes, one unused)")
-            if self.train.loss != "ce":
+            if self.train.loss not in ("ce", "ohem"):
                 raise ConfigError(f"key 'train.loss' has value {self.train.loss!r}; segmentation trains with "
-                                  "cross-entropy, expected 'ce'")
+                                  "a pixel loss, expected 'ce' or 'ohem'")
+            weights = self.train.class_weights
+            if weights is not None and len(weights) != self.model.num_classes:
+                raise ConfigError(f"key 'train.class_weights' has {len(weights)} values, expected one per class "
+                                  f"(model.num_classes {self.model.num_classes})")
+        elif self.train.loss == "ohem" or self.train.class_weights is not None:
+            raise ConfigError(f"key 'train.{'loss' if self.train.loss == 'ohem' else 'class_weights'}' is a "
+                              "segmentation setting; task 'classification' expects train.loss ce or l2 and no "
+                              "train.class_weights")
         elif self.data.dataset == "cityscapes":
             raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
                               "'classification' expects one of cifar10, cifar100, mnist, fashion_mnist, imagenet")

@@ -187,6 +187,10 @@ def test_override_errors_name_the_file() -> None:
         (["model.arch=resnet18"], "model.arch"),  # a classifier under task: segmentation
         (["data.dataset=cifar10"], "data.dataset"),
         (["task=classification"], "data.dataset"),  # classification on the Cityscapes layout
+        (["train.loss=l2"], "train.loss"),  # the classification-only L2 loss under segmentation
+        (["train.class_weights=[1.0, 2.0]"], "train.class_weights"),  # not one value per class
+        (["train.ohem_thresh=0"], "train.ohem_thresh"),
+        (["train.class_weights=[" + ", ".join(["1.0"] * 18) + ", 0.0]"], "train.class_weights"),
     ],
 )
 def test_task_decides_which_arch_and_dataset_fit(overrides: list[str], key: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,3 +69,34 @@ def test_unknown_kind_is_refused():
     logits, targets = _batch()
     with pytest.raises(ValueError, match="'focal'"):
         pixel_loss(logits, targets, ignore_index=IGNORE, kind="focal")
+
+
+def test_segmentation_task_trains_with_the_configured_loss():
+    from seg.config import load_config
+    from seg.tasks import build_task
+
+    logits, targets = _batch(5, c=19)
+    outputs = {"out": logits, "aux": logits * 0.5}
+    weights = [1.0 + i / 10 for i in range(19)]
+    base = ["train.aux_weight=0.4"]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    plain = build_task(load_config(configs / "demo.yaml", base)).loss(outputs, targets)
+    expected = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    torch.testing.assert_close(plain, expected + 0.4 * F.cross_entropy(logits * 0.5, targets, ignore_index=IGNORE))
+
+    over = [*base, "train.loss=ohem", "train.ohem_thresh=0.3", "train.ohem_min_kept=5",
+            f"train.class_weights={weights}"]
+    task = build_task(load_config(configs / "demo.yaml", over))
+    w = torch.tensor(weights)
+    expected = sum(f * pixel_loss(x, targets, ignore_index=IGNORE, kind="ohem", class_weights=w, ohem_thresh=0.3,
+                                  ohem_min_kept=5) for f, x in ((1.0, logits), (0.4, logits * 0.5)))
+    torch.testing.assert_close(task.loss(outputs, targets), expected)
+    assert not torch.allclose(task.loss(outputs, targets), plain)
+
+
+def test_classification_refuses_segmentation_losses():
+    from seg.config import ConfigError, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(ConfigError, match="train.loss"):
+        load_config(configs / "cifar10" / "vgg16_bn.yaml", ["train.loss=ohem"])

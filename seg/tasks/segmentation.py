@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -17,6 +16,7 @@ from seg.evaluation import evaluate
 from seg.inference import Predictor
 from seg.models import build_model
 from seg.tasks.base import DataRootError, Task
+from seg.tasks.pixel_loss import pixel_loss
 from seg.visualize import colorize
 
 DEMO_HINT = (
@@ -35,6 +35,7 @@ class SegmentationTask(Task):
     metric = "miou"
     metric_label = "mIoU"
     secondary_metric, secondary_label, extra_metrics = "acc", "pixel acc", ("macc",)
+    _class_weights: torch.Tensor | None = None  # train.class_weights on the device, made at the first step
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.cfg.data
@@ -52,10 +53,20 @@ class SegmentationTask(Task):
         return build_model(self.cfg.model)
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        ignore, aux_weight = self.cfg.train.ignore_index, self.cfg.train.aux_weight
-        loss = F.cross_entropy(outputs["out"].float(), targets, ignore_index=ignore)
-        if "aux" in outputs and aux_weight > 0:
-            loss = loss + aux_weight * F.cross_entropy(outputs["aux"].float(), targets, ignore_index=ignore)
+        t = self.cfg.train
+        weights = None
+        if t.class_weights is not None:
+            if self._class_weights is None or self._class_weights.device != targets.device:
+                self._class_weights = torch.tensor(t.class_weights, dtype=torch.float32, device=targets.device)
+            weights = self._class_weights
+
+        def one(logits: torch.Tensor) -> torch.Tensor:
+            return pixel_loss(logits, targets, ignore_index=t.ignore_index, kind=t.loss, class_weights=weights,
+                              ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept)
+
+        loss = one(outputs["out"])
+        if "aux" in outputs and t.aux_weight > 0:
+            loss = loss + t.aux_weight * one(outputs["aux"])
         return loss
 
     def _predictor(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> Predictor:
