@@ -1,10 +1,25 @@
-"""Colour masks in the Cityscapes palette and overlays on the input image."""
+"""Colour masks in the Cityscapes palette and overlays on the input image; segmenting image and video files
+with a :class:`~seg.inference.Predictor` into them (``<stem>_mask.png`` (raw trainIds), ``<stem>_color.png`` and
+``<stem>_overlay.png`` per image; ``<stem>_seg.mp4`` per video, at the input's frame rate and size)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
+import torch
 
 from seg.data.labels import IGNORE_INDEX, NUM_CLASSES, PALETTE
+from seg.media import MediaError, VideoReader, VideoWriter, read_image_rgb, write_image
+
+if TYPE_CHECKING:
+    from seg.inference import Predictor
+
+SAVE_KINDS = ("mask", "color", "overlay")
 
 # trainId -> RGB for every uint8 value: the 19 classes get their Cityscapes colour, everything else black.
 _LUT = np.zeros((256, 3), dtype=np.uint8)
@@ -63,3 +78,131 @@ def titled_row(images: list[np.ndarray], titles: list[str]) -> np.ndarray:
         row[TITLE_HEIGHT:, x:x + width] = image
         cv2.putText(row, title, (x + 4, TITLE_HEIGHT - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return row
+
+
+# --------------------------------------------------------------------------------------------
+# segmenting files
+
+
+def save_outputs(
+    image: np.ndarray, trainids: np.ndarray, out_dir: Path, stem: str, save: Iterable[str], opacity: float
+) -> list[Path]:
+    """Write ``<stem>_mask.png`` (raw trainIds), ``<stem>_color.png`` and ``<stem>_overlay.png`` as asked."""
+    written = []
+    color = colorize(trainids)
+    for kind in save:
+        path = out_dir / f"{stem}_{kind}.png"
+        if kind == "mask":
+            write_image(path, trainids.astype(np.uint8))
+        elif kind == "color":
+            write_image(path, color)
+        elif kind == "overlay":
+            write_image(path, overlay(image, color, opacity))
+        else:
+            raise ValueError(f"unknown output kind {kind!r}; expected some of {', '.join(SAVE_KINDS)}")
+        written.append(path)
+    return written
+
+
+def segment_images(
+    predictor: Predictor,
+    files: list[tuple[Path, str]],
+    out_dir: Path,
+    save: Iterable[str] = SAVE_KINDS,
+    opacity: float = 0.5,
+    on_error: Callable[[str], None] | None = None,
+) -> int:
+    """Segment image files in batches of ``predictor.batch_size``; returns how many succeeded.
+
+    An unreadable image is reported through ``on_error`` (raised when ``None``); the others go on.
+    """
+    save = list(save)
+    done = 0
+    batch: list[tuple[np.ndarray, str]] = []
+
+    def flush() -> None:
+        nonlocal done
+        if not batch:
+            return
+        maps = predictor([im for im, _ in batch])
+        for (im, stem), m in zip(batch, maps, strict=True):
+            save_outputs(im, m, out_dir, stem, save, opacity)
+            done += 1
+        batch.clear()
+
+    for path, stem in files:
+        try:
+            image = read_image_rgb(path)
+        except MediaError as e:
+            if on_error is None:
+                raise
+            on_error(str(e))
+            continue
+        if batch and (len(batch) >= predictor.batch_size or batch[0][0].shape != image.shape):
+            flush()
+        batch.append((image, stem))
+    flush()
+    return done
+
+
+@dataclass
+class VideoStats:
+    frames: int
+    fps: float
+    size: tuple[int, int]  # W, H of the input
+    model_seconds: float
+    total_seconds: float
+    output: Path
+
+    @property
+    def model_fps(self) -> float:
+        return self.frames / self.model_seconds if self.model_seconds > 0 else float("nan")
+
+    @property
+    def end_to_end_fps(self) -> float:
+        return self.frames / self.total_seconds if self.total_seconds > 0 else float("nan")
+
+
+def segment_video(
+    predictor: Predictor,
+    src: Path,
+    dst: Path,
+    layout: str = "overlay",
+    opacity: float = 0.5,
+    progress: bool = True,
+) -> VideoStats:
+    """Write ``dst``: every frame of ``src`` as an overlay (``layout='overlay'``) or next to its colour
+    mask (``'side'``, twice as wide), at the input's frame rate. Returns timing statistics."""
+    if layout not in ("overlay", "side"):
+        raise ValueError(f"layout must be 'overlay' or 'side', got {layout!r}")
+    start = time.perf_counter()
+    frames, model_seconds = 0, 0.0
+    with VideoReader(src) as reader:
+        width, height = reader.size
+        out_size = (2 * width, height) if layout == "side" else (width, height)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=reader.frame_count or None, desc=src.name, unit="frame", dynamic_ncols=True)
+        try:
+            with VideoWriter(dst, reader.fps, out_size) as writer:
+                for batch in reader.batches(predictor.batch_size):
+                    t0 = time.perf_counter()
+                    maps = predictor(batch)
+                    if predictor.device.type == "cuda":
+                        torch.cuda.synchronize(predictor.device)
+                    model_seconds += time.perf_counter() - t0
+                    for rgb, m in zip(batch, maps, strict=True):
+                        color = colorize(m)
+                        view = overlay(rgb, color, opacity)
+                        writer.write(side_by_side(view, color) if layout == "side" else view)
+                    frames += len(batch)
+                    if bar is not None:
+                        bar.update(len(batch))
+        finally:
+            if bar is not None:
+                bar.close()
+    if frames == 0:
+        raise MediaError(f"cannot read video {src}: no frame could be decoded")
+    return VideoStats(frames, reader.fps, reader.size, model_seconds, time.perf_counter() - start, dst)

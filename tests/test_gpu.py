@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import seg.models.build as build
+import seg.models.norms as norms
 import seg.nn.deconv as deconv_module
 import seg.nn.iternorm as iternorm_module
 import seg.nn.sync as sync_module
@@ -334,8 +334,8 @@ def _batchnorm_kinds(model: nn.Module) -> dict[str, int]:
 
 
 def test_one_process_keeps_batchnorm(one_process_group: str) -> None:
-    # The build's decision (_sync_statistics): statistics span processes only with more than one.
-    assert build._world_size() == 1
+    # The build's decision (sync_statistics): statistics span processes only with more than one.
+    assert norms._world_size() == 1
     assert "SyncBatchNorm" not in _batchnorm_kinds(build_model(_small_model_cfg("bn")))
 
 
@@ -345,7 +345,7 @@ def test_several_processes_convert_batchnorm_to_syncbatchnorm(one_process_group:
     # and the converted model then trains in the (one-process) NCCL group.
     torch.manual_seed(0)
     plain = build_model(_small_model_cfg("bn")).to(DEVICE)
-    monkeypatch.setattr(build, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms, "_world_size", lambda: 2)
     torch.manual_seed(0)
     synced = build_model(_small_model_cfg("bn")).to(DEVICE)
     n_bn = sum(_batchnorm_kinds(plain).values())

@@ -11,7 +11,6 @@ from seg.media import (
     expand_inputs,
     read_image_rgb,
     read_mask,
-    save_outputs,
     write_image,
 )
 
@@ -45,15 +44,6 @@ def test_unreadable_and_unwritable_files_name_the_file(tmp_path):
         write_image(blocker / "out.png", np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match="uint8 or uint16"):
         write_image(tmp_path / "f.png", np.zeros((2, 2), np.float32))
-
-
-def test_save_outputs_writes_the_documented_files(tmp_path):
-    image = np.full((3, 4, 3), 100, np.uint8)
-    ids = np.array([[0, 1, 2, 255]] * 3, np.uint8)
-    written = save_outputs(image, ids, tmp_path, "x", ["mask", "color", "overlay"], 0.5)
-    assert [p.name for p in written] == ["x_mask.png", "x_color.png", "x_overlay.png"]
-    assert np.array_equal(read_mask(written[0]), ids)
-    assert tuple(read_image_rgb(written[1])[0, 0]) == (128, 64, 128)  # road in the Cityscapes palette
 
 
 def test_video_round_trip_keeps_frames_size_and_fps(tmp_path):

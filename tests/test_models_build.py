@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import seg.models.build as build_module
+import seg.models.norms as norms_module
 from seg.config import ConfigError, DeconvConfig, ModelConfig, load_config
 from seg.models import build_model, contract_dilation
 from seg.nn import FastDeconv, deconvolve, fold_deconv
@@ -195,7 +195,7 @@ def test_classifier_can_stay_plain() -> None:
 def test_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     # SyncBatchNorm follows the process group's backend (NCCL: CUDA), not torch.cuda.is_available(): a gloo run
     # on a GPU machine keeps BatchNorm.
-    monkeypatch.setattr(build_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
@@ -380,7 +380,7 @@ def test_deconvolve_defaults_are_the_config_defaults() -> None:
     # of that section but the builder's own is a deconvolve keyword (build_model passes them by name).
     keywords = {n: p.default for n, p in inspect.signature(deconvolve).parameters.items() if n != "module"}
     config = dataclasses.asdict(DeconvConfig())
-    for name in build_module.BUILDER_DECONV_FIELDS:
+    for name in norms_module.BUILDER_DECONV_FIELDS:
         config.pop(name)
     assert config.keys() <= keywords.keys()
     assert {n: keywords[n] for n in config} == config
@@ -405,7 +405,7 @@ def test_sync_is_decided_by_build_model(monkeypatch: pytest.MonkeyPatch) -> None
     assert all(m.sync for m in model.modules() if isinstance(m, FastDeconv))
     assert model.config.deconv.sync is True
     # Several processes: on, whatever the config says, and the recorded config is left as given.
-    monkeypatch.setattr(build_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
     model = build_model(cfg)
     synced = [n for n, m in model.named_modules() if isinstance(m, FastDeconv) and m.sync]
     assert {"encoder.conv1", "head.classifier", "aux_head.classifier"} <= set(synced)

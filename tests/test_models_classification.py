@@ -69,12 +69,12 @@ def test_torchvision_model_with_deconvolution_and_delinear() -> None:
 
 @pytest.mark.parametrize("arch,norm", [("resnet18", "deconv"), ("resnet18", "bn"), ("tv:resnet18", "deconv")])
 def test_classifier_whitening_follows_the_sync_decision(monkeypatch, arch: str, norm: str) -> None:
-    import seg.models.build as build_module
+    import seg.models.norms as norms_module
 
     cfg = ModelConfig(arch=arch, num_classes=10, norm=norm, block_fc=64)
     whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
     assert whitening and not any(m.sync for m in whitening)
-    monkeypatch.setattr(build_module, "_world_size", lambda: 2)  # several processes: the global batch
+    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)  # several processes: the global batch
     whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
     assert any(isinstance(m, Delinear) for m in whitening) and all(m.sync for m in whitening)
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import BatchNormAct2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import seg.models.build as build_module
+import seg.models.norms as norms_module
 from seg.checkpoint import CheckpointError
 from seg.config import ChannelDeconvConfig, IterNormConfig, ModelConfig
 from seg.models import build_model, model_from_checkpoint
@@ -47,7 +47,7 @@ def layers(model: nn.Module, cls: type) -> dict[str, nn.Module]:
 
 def test_every_config_choice_has_a_builder() -> None:
     (norm,) = [f for f in dataclasses.fields(ModelConfig) if f.name == "norm"]
-    assert set(build_module.NORMS) == set(norm.metadata["choices"])
+    assert set(norms_module.NORM_APPLIERS) == set(norm.metadata["choices"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -94,8 +94,8 @@ def test_every_norm_starts_from_the_bn_models_conv_weights(norm: str) -> None:
 
 
 def test_gn_groups() -> None:
-    assert [build_module.gn_groups(c, 32) for c in (64, 256, 48, 40, 7)] == [32, 32, 24, 20, 7]
-    assert build_module.gn_groups(64, 5) == 4
+    assert [norms_module.gn_groups(c, 32) for c in (64, 256, 48, 40, 7)] == [32, 32, 24, 20, 7]
+    assert norms_module.gn_groups(64, 5) == 4
     norms = layers(build("gn", "deeplabv3plus", aux_loss=True), nn.GroupNorm)
     # 32 groups everywhere but DeepLabV3+'s 48-channel skip projection, which gets the largest divisor.
     assert {n: m.num_groups for n, m in norms.items() if m.num_groups != 32} == {"head.decoder.block1.1": 24}
@@ -122,7 +122,7 @@ def test_iternorm_settings_reach_every_layer(monkeypatch: pytest.MonkeyPatch) ->
         assert (m.T, m.eps, m.momentum, m.sync) == (3, 1e-3, 0.2, False)
         assert m.num_channels <= 16
     # Several processes: synced statistics, decided by build_model.
-    monkeypatch.setattr(build_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
     assert all(m.sync for m in layers(build("iternorm", "fcn"), IterNorm).values())
 
 
@@ -140,7 +140,7 @@ def test_channel_deconv_settings_and_block_rule(monkeypatch: pytest.MonkeyPatch)
     assert model.head.decoder.block1[1].block == 48 and model.encoder.bn1.block == 64
     assert not any(m.sync for m in norms.values())
     # With several processes, the statistics span them (the build's one sync decision).
-    monkeypatch.setattr(build_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
     assert all(m.sync for m in layers(build("channel_deconv", "fcn"), ChannelDeconv).values())
 
 

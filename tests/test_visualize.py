@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import trainId2label
 
-from seg.visualize import colorize, overlay, side_by_side
+from seg.media import read_image_rgb, read_mask
+from seg.visualize import colorize, overlay, save_outputs, side_by_side
 
 
 def test_colorize_uses_the_cityscapes_palette_and_black_for_ignore():
@@ -53,3 +54,12 @@ def test_titled_row_places_each_image_under_its_caption() -> None:
         titled_row(images, ["input"])
     with pytest.raises(ValueError, match="one shape"):
         titled_row([images[0], np.zeros((4, 10, 3), np.uint8)], ["a", "b"])
+
+
+def test_save_outputs_writes_the_documented_files(tmp_path):
+    image = np.full((3, 4, 3), 100, np.uint8)
+    ids = np.array([[0, 1, 2, 255]] * 3, np.uint8)
+    written = save_outputs(image, ids, tmp_path, "x", ["mask", "color", "overlay"], 0.5)
+    assert [p.name for p in written] == ["x_mask.png", "x_color.png", "x_overlay.png"]
+    assert np.array_equal(read_mask(written[0]), ids)
+    assert tuple(read_image_rgb(written[1])[0, 0]) == (128, 64, 128)  # road in the Cityscapes palette

@@ -24,7 +24,8 @@ from pathlib import Path
 from seg.config import ConfigError, load_config
 from seg.errors import UserError, error_message
 from seg.inference import Predictor
-from seg.media import SAVE_KINDS, MediaError, expand_inputs, is_video, segment_images, segment_video
+from seg.media import MediaError, expand_inputs, is_video
+from seg.visualize import SAVE_KINDS, segment_images, segment_video
 
 EXIT_PARTIAL = 1  # some inputs failed, the others were written
 EXIT_ERROR = 2  # nothing usable: arguments, config, checkpoint, device or outputs

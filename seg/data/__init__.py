@@ -8,7 +8,6 @@ from seg.data.classification_transforms import build_classification_transforms
 from seg.data.imagefolder import ImageFolderDataset
 from seg.data.seeding import derive_seed, make_generator, seed_dataset_transforms, worker_init_fn
 from seg.data.transforms import build_transforms
-from seg.media import read_image_rgb  # kept here for callers of seg.data.read_image_rgb; it lives in seg.media
 
 __all__ = [
     "CifarDataset",
@@ -21,7 +20,6 @@ __all__ = [
     "generate_cifar10_standin",
     "make_generator",
     "prepare_train_ids",
-    "read_image_rgb",
     "read_label",
     "seed_dataset_transforms",
     "worker_init_fn",

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from seg import tasks  # the module, not its names: seg.tasks imports seg.engine.writers
 from seg.checkpoint import LAST
 from seg.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from seg.data import derive_seed, make_generator, worker_init_fn
@@ -33,11 +32,10 @@ from seg.engine.checkpointer import Checkpointer, NonFiniteLossError
 from seg.engine.distributed import DistInfo, all_gather_objects
 from seg.engine.optim import build_optimizer, build_scheduler
 from seg.engine.sampling import ResumableSampler, SeededSamples
-from seg.engine.writers import ConsoleWriter, Event, Writer, build_writers, format_seconds, peak_memory_gb
+from seg.engine.writers import ConsoleWriter, Writer, build_writers, format_seconds, peak_memory_gb
 from seg.evaluation import build_eval_loader
-
-if TYPE_CHECKING:
-    from seg.tasks import Task
+from seg.events import Event
+from seg.tasks import Task, build_task
 
 
 @dataclass
@@ -386,7 +384,7 @@ def build_run(cfg: Config, info: DistInfo, work_dir: Path) -> Run:
     """Task, data, model (DDP-wrapped under a process group), optimizer, schedule, scaler, checkpointer."""
     log = tqdm.write if info.is_main else (lambda *_a, **_k: None)
     cfg.work_dir = str(work_dir)
-    task = tasks.build_task(cfg)
+    task = build_task(cfg)
     seed_all(cfg.train.seed)  # the same seed on every rank: identical initial weights
     configure_backends(cfg.train, info.device)
     loader, sampler, val_loader = build_loaders(cfg, info, task)

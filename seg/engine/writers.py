@@ -1,4 +1,4 @@
-"""What a run reports. The loop builds one :class:`Event` per log point; each writer takes its part of it.
+"""What a run reports. The loop builds one :class:`~seg.events.Event` per log point; each writer takes its part of it.
 
 - :class:`ConsoleWriter`: the event's line (and the progress bar's figures),
 - :class:`JsonlWriter`: ``metrics.jsonl``, the machine-readable history of the run,
@@ -12,26 +12,13 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-
-@dataclass
-class Event:
-    """One log point: ``kind`` is ``train``, ``val`` or ``final``."""
-
-    kind: str
-    iteration: int
-    record: dict[str, Any]  # metrics.jsonl fields
-    scalars: dict[str, float] = field(default_factory=dict)  # TensorBoard tag -> value
-    images: dict[str, np.ndarray] = field(default_factory=dict)  # TensorBoard tag -> HxWx3 uint8 RGB
-    line: str | None = None  # console
-    postfix: dict[str, str] = field(default_factory=dict)  # progress bar
+from seg.events import Event
 
 
 class Writer(Protocol):

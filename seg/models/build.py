@@ -8,7 +8,7 @@ norms replace only the BatchNorm layers, so every norm starts from the same conv
 and last the local pretrained weights are loaded, since they must match the final layers (FastDeconv
 buffers or BatchNorm statistics).
 
-``model.norm`` choices, each applied to the encoder and the heads alike (see :data:`NORMS`):
+``model.norm`` choices, each applied to the encoder and the heads alike (see :data:`seg.models.norms.NORM_APPLIERS`):
 
 * ``bn``: BatchNorm as the libraries build it; SyncBatchNorm under a process group on CUDA.
 * ``deconv``: every conv becomes a ``FastDeconv``, every BatchNorm is removed.
@@ -24,32 +24,24 @@ buffers or BatchNorm statistics).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import fnmatch
-import inspect
-import logging
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import timm
-import torch.distributed as dist
 import torch.nn as nn
-from timm.layers import convert_sync_batchnorm
 
 from seg.checkpoint import CheckpointError, load_checkpoint
-from seg.config import SEGMENTATION_ARCHS, ConfigError, DeconvConfig, IterNormConfig, ModelConfig, from_dict
+from seg.config import SEGMENTATION_ARCHS, ConfigError, ModelConfig, from_dict
+from seg.models.classification import build_classifier, load_classifier_weights
 from seg.models.dilation import contract_dilation
 from seg.models.heads import DecoderHead, FCNHead
+from seg.models.norms import NORM_APPLIERS, sync_statistics
 from seg.models.segmenter import Segmenter
 from seg.models.weights import check_keys
 from seg.models.weights import load_pretrained as load_pretrained_weights
-from seg.nn import ChannelDeconv, IterNorm, deconvolve
-from seg.nn.convert import replace_batchnorm
-
-logger = logging.getLogger(__name__)
+from seg.nn import IterNorm
 
 # The auxiliary head reads the stride-16 stage: features[4] of an smp encoder (features[0] is the
 # input), i.e. layer3 of a ResNet, as in torchvision and mmsegmentation.
@@ -57,10 +49,6 @@ AUX_FEATURE = 4
 # ASPP dilation rates per output stride (DeepLabV3 paper: 6/12/18 at stride 16, doubled at stride 8).
 ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 DECODER_CHANNELS = 256
-# Fields of ``model.deconv`` that the builder itself acts on; every other field is a ``deconvolve``
-# keyword of the same name and is passed on as it is, so a new setting is not listed again here.
-BUILDER_DECONV_FIELDS = frozenset({"classifier", "keep_bn"})
-
 
 def _check_encoder(name: str) -> None:
     known = timm.is_model(name[3:]) if name.startswith("tu-") else name in smp.encoders.get_encoder_names()
@@ -126,150 +114,12 @@ def init_head(head: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _classifier_names(model: nn.Module) -> list[str]:
-    return [
-        n for n, m in model.named_modules() if n.split(".")[-1] == "classifier" and isinstance(m, nn.Conv2d)
-    ]
-
-
-def _keywords(section: Any, target: Callable, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A config section's fields (less ``skip``) as keywords of ``target``, which must accept them all."""
-    settings = {k: v for k, v in dataclasses.asdict(section).items() if k not in skip}
-    unknown = sorted(settings.keys() - inspect.signature(target).parameters.keys())
-    if unknown:  # a config field nobody wired up: a bug, not a user error
-        raise TypeError(f"{section._key} fields {unknown}: not {target.__name__}() keywords "
-                        f"nor handled by the builder")
-    return settings
-
-
-def deconv_settings(d: DeconvConfig, *, sync: bool) -> dict[str, Any]:
-    """The ``deconvolve`` keywords of a ``model.deconv`` section, with the build's ``sync`` decision."""
-    return dict(_keywords(d, deconvolve, BUILDER_DECONV_FIELDS), sync=sync)
-
-
-def iternorm_settings(c: IterNormConfig, *, sync: bool) -> dict[str, Any]:
-    """The ``IterNorm`` keywords of a ``model.iternorm`` section, with the build's ``sync`` decision."""
-    return dict(_keywords(c, IterNorm), sync=sync)
-
-
-def gn_groups(channels: int, groups: int) -> int:
-    """``groups`` if it divides ``channels``, else the largest number of groups below it that does."""
-    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
-
-
-def _sync_statistics(cfg: ModelConfig) -> bool:
-    """Whether normalisation statistics span all processes; the one place this is decided.
-
-    With several processes, always (the global batch, as SyncBatchNorm does): BatchNorm, FastDeconv,
-    IterNorm, ChannelDeconv and Delinear act on it; GroupNorm and ``none`` have no batch statistics. In one
-    process, only when ``model.deconv.sync`` asks for it (then the layers sync once a process group exists).
-    """
-    return _world_size() > 1 or (cfg.norm == "deconv" and cfg.deconv.sync)
-
-
-def _apply_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    d = cfg.deconv
-    settings = deconv_settings(d, sync=sync)
-    classifiers = _classifier_names(model)
-    kept = _kept_batchnorms(model, d.keep_bn, cfg.arch)
-    model = deconvolve(model, exclude=classifiers + kept, **settings)
-    if d.classifier:
-        # The reference heads whiten all of the classifier's input channels together (block = C_in).
-        for name in classifiers:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            conv = getattr(parent, attr)
-            setattr(parent, attr, deconvolve(conv, **dict(settings, block=conv.in_channels)))
-    # The BatchNorms kept normalise like those of a bn model, over all processes when the statistics sync.
-    return _apply_bn(model, cfg, sync) if kept else model
-
-
-def _kept_batchnorms(model: nn.Module, patterns: list[str], arch: str) -> list[str]:
-    """Names of the BatchNorm layers that ``model.deconv.keep_bn`` keeps; a pattern matching none is an error."""
-    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    kept = []
-    for pattern in patterns:
-        found = [n for n in norms if fnmatch.fnmatchcase(n, pattern)]
-        if not found:
-            raise ConfigError(f"key 'model.deconv.keep_bn' has pattern {pattern!r}, which matches no BatchNorm "
-                              f"layer of {arch}; its BatchNorm layers are named like {norms[:3]}")
-        kept += [n for n in found if n not in kept]
-    return kept
-
-
-def _group_on_cuda() -> bool:
-    """Whether the process group reduces CUDA tensors (NCCL): ``init_distributed`` makes one for ``--device cuda``
-    and a gloo group for ``cpu``, so this follows the run's chosen device, not the machine
-    (``torch.cuda.is_available()`` is also true for a CPU run on a GPU machine, where SyncBatchNorm fails)."""
-    return dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend())
-
-
-def _apply_bn(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    if sync:
-        if _group_on_cuda():
-            # timm's converter also handles its BatchNormAct2d (torch's would drop the activation).
-            model = convert_sync_batchnorm(model)
-        else:
-            warnings.warn(
-                "model.norm=bn with several processes on CPU: SyncBatchNorm does not run on CPU, so each "
-                "process normalises with its own batch statistics",
-                stacklevel=3,
-            )
-    return model
-
-
-def _apply_gn(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    fewer: dict[int, int] = {}  # channels -> groups, where model.gn_groups does not divide them
-
-    def make(channels: int) -> nn.GroupNorm:
-        groups = gn_groups(channels, cfg.gn_groups)
-        if groups != cfg.gn_groups:
-            fewer[channels] = groups
-        return nn.GroupNorm(groups, channels)
-
-    model = replace_batchnorm(model, make)
-    if fewer:
-        logger.info("model.gn_groups=%d does not divide every layer: channels -> groups %s", cfg.gn_groups, fewer)
-    return model
-
-
-def _apply_iternorm(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    settings = iternorm_settings(cfg.iternorm, sync=sync)
-    return replace_batchnorm(model, lambda channels: IterNorm(channels, **settings))
-
-
-def _apply_channel_deconv(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    settings = dict(_keywords(cfg.channel_deconv, ChannelDeconv), sync=sync)
-    # Fewer channels than the block: whiten them all together (the reference's heads use block = C).
-    return replace_batchnorm(model, lambda c: ChannelDeconv(**dict(settings, block=min(settings["block"], c))))
-
-
-def _apply_none(model: Segmenter, cfg: ModelConfig, sync: bool) -> Segmenter:
-    # Without a norm after it, a conv needs its own bias (the norm's shift did that job).
-    return replace_batchnorm(model, None, conv_bias=True)
-
-
-# model.norm -> what turns the model built with the libraries' BatchNorm into that norm's model.
-NORMS: dict[str, Callable[[Segmenter, ModelConfig, bool], Segmenter]] = {
-    "bn": _apply_bn,
-    "deconv": _apply_deconv,
-    "gn": _apply_gn,
-    "iternorm": _apply_iternorm,
-    "channel_deconv": _apply_channel_deconv,
-    "none": _apply_none,
-}
-
-
 def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     """Build the model described by ``cfg`` (the ``model:`` config section).
 
     Args:
-        cfg: architecture, encoder, output stride, norm (one of :data:`NORMS`, with its section of
-            settings), auxiliary head, classes and an optional local ``pretrained`` weights file.
+        cfg: architecture, encoder, output stride, norm (one of :data:`seg.models.norms.NORM_APPLIERS`, with
+            its section of settings), auxiliary head, classes and an optional local ``pretrained`` weights file.
         load_pretrained: read ``cfg.pretrained``; off when the weights come from elsewhere (a checkpoint).
 
     Returns:
@@ -281,10 +131,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
     if cfg.arch not in SEGMENTATION_ARCHS:
-        # Classifiers (seg.models.classification imports NORMS from here, hence the late import).
-        from seg.models.classification import build_classifier, load_classifier_weights
-
-        model = build_classifier(cfg, _sync_statistics(cfg))
+        model = build_classifier(cfg, sync_statistics(cfg))
         if load_pretrained and cfg.pretrained:
             load_classifier_weights(model, cfg.pretrained)
         return model
@@ -305,7 +152,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
         if module is not None:
             init_head(module)
     model = Segmenter(encoder, head, aux_head, size_divisor=encoder.output_stride, config=copy.deepcopy(cfg))
-    model = NORMS[cfg.norm](model, cfg, _sync_statistics(cfg))
+    model = NORM_APPLIERS[cfg.norm](model, cfg, sync_statistics(cfg))
     if load_pretrained and cfg.pretrained:
         load_pretrained_weights(model, cfg.pretrained)
     return model

@@ -39,9 +39,9 @@ from seg.nn import ChannelDeconv, Delinear, FastDeconv
 
 __all__ = [
     "CIFAR_ARCHS",
+    "CIFAR_NORMS",
     "CONV_NO_BIAS",
     "FC_WHITENINGS",
-    "NORMS",
     "STEM_N_ITER",
     "VGG_CFGS",
     "BasicBlock",
@@ -62,7 +62,7 @@ ClassifierLayer = Callable[[int, int], nn.Module]
 # The ResNet's convs under BatchNorm: no bias, which the norm would cancel (models/resnet.py:26-27).
 CONV_NO_BIAS: ConvLayer = partial(nn.Conv2d, bias=False)
 
-NORMS = ("bn", "deconv")
+CIFAR_NORMS = ("bn", "deconv")  # the norms the reference builds these networks with
 FC_WHITENINGS = ("delinear", "channel_deconv")
 # The reference's VGG gives the conv that sees the image ``freeze=True, n_iter=15`` (models/vgg.py:57-58):
 # its input covariance is ill-conditioned, so it needs more iterations, and the image statistics barely
@@ -348,8 +348,8 @@ def build_cifar_model(
     """
     if arch not in CIFAR_ARCHS:
         raise ValueError(f"unknown CIFAR arch {arch!r}; valid: {', '.join(CIFAR_ARCHS)}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm not in CIFAR_NORMS:
+        raise ValueError(f"norm must be one of {', '.join(CIFAR_NORMS)}, got {norm!r}")
     if fc_whitening not in FC_WHITENINGS:
         raise ValueError(f"fc_whitening must be one of {', '.join(FC_WHITENINGS)}, got {fc_whitening!r}")
     if not isinstance(block_fc, int) or isinstance(block_fc, bool) or block_fc < 0:

@@ -7,7 +7,7 @@
   efficientnet_b0), built layer for layer as the reference's ``main.py`` does
   (:func:`seg.models.cifar.build_cifar_model`).
   ``norm: deconv`` and ``bn`` are the reference's models; every other ``model.norm`` replaces the BatchNorm
-  layers of the ``bn`` model through the same :data:`seg.models.build.NORMS` appliers segmentation uses.
+  layers of the ``bn`` model through the same :data:`seg.models.norms.NORM_APPLIERS` segmentation uses.
   ``model.block_fc`` / ``model.fc_whitening`` give the reference's classifier whitening.
 * ``mlp``: the paper's MNIST / Fashion-MNIST network (:mod:`seg.models.mlp`; 784-128-128-classes with sigmoids),
   ``model.norm`` none, bn or deconv (a ``ChannelDeconv`` with the ``model.channel_deconv`` settings before every
@@ -35,9 +35,9 @@ from torch import nn
 
 from seg.checkpoint import read_weights
 from seg.config import ConfigError, DeconvConfig, ModelConfig
-from seg.models.build import NORMS
 from seg.models.cifar import CIFAR_ARCHS, build_cifar_model
 from seg.models.mlp import MLP, MLP_NORMS
+from seg.models.norms import NORM_APPLIERS
 from seg.models.weights import check_keys
 from seg.nn import Delinear
 
@@ -91,9 +91,9 @@ def _cifar(cfg: ModelConfig, sync: bool) -> nn.Module:
         # The reference's own model. Where it keeps BatchNorm layers (EfficientNet-B0's blocks) they normalise
         # as a bn model's do (SyncBatchNorm when the statistics sync on CUDA).
         keeps_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        return NORMS["bn"](model, cfg, sync) if keeps_bn else model
+        return NORM_APPLIERS["bn"](model, cfg, sync) if keeps_bn else model
     # Every other norm replaces the BatchNorm layers of the bn model.
-    return NORMS[cfg.norm](model, cfg, sync)
+    return NORM_APPLIERS[cfg.norm](model, cfg, sync)
 
 
 def _mlp(cfg: ModelConfig, sync: bool) -> nn.Module:
@@ -156,7 +156,7 @@ def _delinear_classifier(model: nn.Module, cfg: ModelConfig, sync: bool) -> nn.M
 
 def build_classifier(cfg: ModelConfig, sync: bool) -> nn.Module:
     """The classifier described by ``cfg`` (see the module docstring); ``sync``: the build's decision on
-    cross-process statistics (:func:`seg.models.build._sync_statistics`).
+    cross-process statistics (:func:`seg.models.norms.sync_statistics`).
 
     The model gets a ``config`` attribute (a copy of ``cfg``), as a segmentation model does. ``model.pretrained``
     is not read here (see :func:`load_classifier_weights`).
@@ -171,7 +171,7 @@ def build_classifier(cfg: ModelConfig, sync: bool) -> nn.Module:
             model = _delinear_classifier(model, cfg, sync)
         # The same conversion as a segmentation model's; deconv: every conv a FastDeconv with the model.deconv
         # settings, the stem settings on the conv that sees the image.
-        model = NORMS[cfg.norm](model, cfg, sync)
+        model = NORM_APPLIERS[cfg.norm](model, cfg, sync)
     else:
         raise ConfigError(f"key 'model.arch' has value {cfg.arch!r}: not a classification model; expected "
                           f"{ARCH_EXAMPLES}")

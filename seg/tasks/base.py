@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seg.config import Config
-from seg.engine.writers import Event
 from seg.errors import UserError
+from seg.events import Event
 
 
 class DataRootError(UserError):

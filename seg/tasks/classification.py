@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from seg.config import MNIST_DATASETS, Config, ConfigError
 from seg.data import CifarDataset, DatasetError, ImageFolderDataset, build_classification_transforms
 from seg.data.mnist import MnistDataset
-from seg.engine.writers import Event
 from seg.evaluation.classification import evaluate_classification
+from seg.events import Event
 from seg.models import build_model
 from seg.tasks.base import DataRootError, Task
 

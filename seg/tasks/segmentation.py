@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.data import CityscapesDataset, DatasetError, build_transforms
 from seg.data.labels import CLASS_NAMES, reference_to_train
-from seg.engine.writers import Event
 from seg.evaluation import evaluate
+from seg.events import Event
 from seg.inference import Predictor
 from seg.models import build_model
 from seg.tasks.base import DataRootError, Task
