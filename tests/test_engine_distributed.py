@@ -63,11 +63,11 @@ def _kinds(model: nn.Module) -> set[str]:
 
 
 def test_syncbatchnorm_follows_the_runs_device_not_the_machine(gloo_group, monkeypatch) -> None:
-    monkeypatch.setattr(norms, "_world_size", lambda: 2)  # the build's decision as with two processes
+    monkeypatch.setattr(norms, "world_size", lambda: 2)  # the build's decision as with two processes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine...
     with pytest.warns(UserWarning, match="SyncBatchNorm does not run on CPU"):
         assert _kinds(_small("bn")) == {"BatchNorm2d"}  # ...running on CPU (a gloo group): plain BatchNorm
-    monkeypatch.setattr(norms.dist, "get_backend", lambda *a, **k: "nccl")  # the group of --device cuda
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")  # the group of --device cuda
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _kinds(_small("bn")) == {"SyncBatchNorm"}

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from seg.evaluation import ConfusionMatrix, ShardedEvalSampler, evaluate, format_table
-from seg.evaluation.evaluator import benchmark_from_reference, reference_miou
+from seg.evaluation.evaluator import benchmark_from_reference, real_batches, reference_miou
 
 
 def test_hand_computed_matrix_with_ignored_pixels_and_absent_class():
@@ -122,6 +122,19 @@ def test_distributed_sampler_padding_is_not_counted():
     direct.update(preds, targets)
     assert n_images == 5
     assert torch.equal(total, direct.mat)
+
+
+def test_real_batches_drop_the_padding_and_give_offsets():
+    # 5 samples over 2 processes: rank 1's shard is [1, 3, 0], the last a repeat that evens out the shards.
+    ds = TensorDataset(torch.arange(5), torch.arange(5))
+    per_rank = []
+    for rank in range(2):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=False)
+        loader = DataLoader(ds, batch_size=2, sampler=sampler)
+        per_rank.append([(offset, x.tolist()) for offset, x, _ in real_batches(loader)])
+    assert per_rank == [[(0, [0, 2]), (2, [4])], [(0, [1, 3])]]  # rank 1's trimmed, empty batch is skipped
+    plain = DataLoader(ds, batch_size=2)  # no padding: every batch as it is
+    assert [(offset, x.tolist()) for offset, x, _ in real_batches(plain)] == [(0, [0, 1]), (2, [2, 3]), (4, [4])]
 
 
 def test_sharded_sampler_covers_each_index_once():

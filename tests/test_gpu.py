@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import seg.distributed
 import seg.models.norms as norms
 import seg.nn.deconv as deconv_module
 import seg.nn.iternorm as iternorm_module
@@ -302,7 +303,7 @@ def test_all_reduce_and_the_differentiable_sum(one_process_group: str) -> None:
     (y * 2).sum().backward()
     torch.testing.assert_close(y, x)
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
-    assert not sync_module.sync_active()  # one process: nothing to sync
+    assert not seg.distributed.is_distributed()  # one process: nothing to sync
 
 
 @pytest.mark.parametrize("layer", ["deconv", "iternorm"])
@@ -315,7 +316,7 @@ def test_synced_statistics_over_the_group_equal_local_ones(one_process_group: st
     local, synced = make(False).to(DEVICE), make(True).to(DEVICE)
     synced.load_state_dict(local.state_dict())
     for module in (sync_module, deconv_module, iternorm_module):
-        monkeypatch.setattr(module, "sync_active", lambda: True)
+        monkeypatch.setattr(module, "is_distributed", lambda: True)
     x = torch.randn(2, 32, 16, 16, device=DEVICE)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     ys = [m(xi) for m, xi in zip((local, synced), xs)]
@@ -335,7 +336,7 @@ def _batchnorm_kinds(model: nn.Module) -> dict[str, int]:
 
 def test_one_process_keeps_batchnorm(one_process_group: str) -> None:
     # The build's decision (sync_statistics): statistics span processes only with more than one.
-    assert norms._world_size() == 1
+    assert norms.world_size() == 1
     assert "SyncBatchNorm" not in _batchnorm_kinds(build_model(_small_model_cfg("bn")))
 
 
@@ -345,7 +346,7 @@ def test_several_processes_convert_batchnorm_to_syncbatchnorm(one_process_group:
     # and the converted model then trains in the (one-process) NCCL group.
     torch.manual_seed(0)
     plain = build_model(_small_model_cfg("bn")).to(DEVICE)
-    monkeypatch.setattr(norms, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms, "world_size", lambda: 2)
     torch.manual_seed(0)
     synced = build_model(_small_model_cfg("bn")).to(DEVICE)
     n_bn = sum(_batchnorm_kinds(plain).values())

@@ -195,7 +195,7 @@ def test_classifier_can_stay_plain() -> None:
 def test_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     # SyncBatchNorm follows the process group's backend (NCCL: CUDA), not torch.cuda.is_available(): a gloo run
     # on a GPU machine keeps BatchNorm.
-    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
@@ -405,7 +405,7 @@ def test_sync_is_decided_by_build_model(monkeypatch: pytest.MonkeyPatch) -> None
     assert all(m.sync for m in model.modules() if isinstance(m, FastDeconv))
     assert model.config.deconv.sync is True
     # Several processes: on, whatever the config says, and the recorded config is left as given.
-    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "world_size", lambda: 2)
     model = build_model(cfg)
     synced = [n for n, m in model.named_modules() if isinstance(m, FastDeconv) and m.sync]
     assert {"encoder.conv1", "head.classifier", "aux_head.classifier"} <= set(synced)

@@ -74,7 +74,7 @@ def test_classifier_whitening_follows_the_sync_decision(monkeypatch, arch: str, 
     cfg = ModelConfig(arch=arch, num_classes=10, norm=norm, block_fc=64)
     whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
     assert whitening and not any(m.sync for m in whitening)
-    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)  # several processes: the global batch
+    monkeypatch.setattr(norms_module, "world_size", lambda: 2)  # several processes: the global batch
     whitening = [m for m in build_model(cfg).modules() if isinstance(m, (Delinear, FastDeconv))]
     assert any(isinstance(m, Delinear) for m in whitening) and all(m.sync for m in whitening)
 

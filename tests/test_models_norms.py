@@ -122,7 +122,7 @@ def test_iternorm_settings_reach_every_layer(monkeypatch: pytest.MonkeyPatch) ->
         assert (m.T, m.eps, m.momentum, m.sync) == (3, 1e-3, 0.2, False)
         assert m.num_channels <= 16
     # Several processes: synced statistics, decided by build_model.
-    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "world_size", lambda: 2)
     assert all(m.sync for m in layers(build("iternorm", "fcn"), IterNorm).values())
 
 
@@ -140,7 +140,7 @@ def test_channel_deconv_settings_and_block_rule(monkeypatch: pytest.MonkeyPatch)
     assert model.head.decoder.block1[1].block == 48 and model.encoder.bn1.block == 64
     assert not any(m.sync for m in norms.values())
     # With several processes, the statistics span them (the build's one sync decision).
-    monkeypatch.setattr(norms_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(norms_module, "world_size", lambda: 2)
     assert all(m.sync for m in layers(build("channel_deconv", "fcn"), ChannelDeconv).values())
 
 

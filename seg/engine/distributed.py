@@ -1,7 +1,8 @@
 """Process-group set-up for one process or ``torchrun`` (single or multi node), and a clean exit.
 
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them we run as a single process. NCCL on
-CUDA, gloo on CPU.
+CUDA, gloo on CPU. :class:`DistInfo` is what the launch set up (with the device); code outside the loop asks
+:mod:`seg.distributed` about the live process group instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seg.distributed import group_initialized
 from seg.errors import UserError
 
 
@@ -58,7 +60,7 @@ def init_distributed(device_name: str | None = None, timeout_min: float = 30.0) 
         backend = "nccl"
     else:
         backend = "gloo"
-    if not dist.is_initialized():
+    if not group_initialized():
         timeout = datetime.timedelta(minutes=timeout_min)
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
         # After `torchrun --max-restarts` restarts the workers, the agent's store still holds the previous
@@ -77,7 +79,7 @@ def init_distributed(device_name: str | None = None, timeout_min: float = 30.0) 
 
 
 def barrier(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
+    if info.distributed and group_initialized():
         if info.device.type == "cuda":
             dist.barrier(device_ids=[info.device.index])
         else:
@@ -108,7 +110,7 @@ def finish(info: DistInfo, exit_code: int) -> None:
     if not info.distributed:
         sys.exit(exit_code)
     try:
-        if dist.is_initialized():
+        if group_initialized():
             dist.destroy_process_group()
     finally:
         sys.stdout.flush()

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from seg.evaluation.evaluator import _real_count
+from seg.distributed import sum_counts
+from seg.evaluation.evaluator import real_batches
 
 # The metrics the classification task reports; k above the number of classes is clipped (top-5 of a
 # 2-class problem is top-2, i.e. 1.0).
@@ -28,8 +28,9 @@ Reduce = Callable[[torch.Tensor], None]
 
 def _dist_sum(t: torch.Tensor) -> None:
     """Sum ``t`` in place over the default process group (nothing to do in one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+    summed = sum_counts(t)
+    if summed is not t:
+        t.copy_(summed)
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = TOPK) -> torch.Tensor:
@@ -99,23 +100,10 @@ def evaluate_classification(
     was_training = model.training
     model.eval()
     meter = TopKAccuracy(ks, device=device, all_reduce=all_reduce)
-    real = _real_count(loader)
-    iterator: Any = loader
-    if progress and (not dist.is_initialized() or dist.get_rank() == 0):
-        from tqdm import tqdm
-
-        iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
-    seen = 0
     try:
-        for images, targets in iterator:
-            if real is not None and seen + len(images) > real:  # drop the sampler's repeated samples
-                keep = max(0, real - seen)
-                images, targets = images[:keep], targets[:keep]
-            seen += len(images)
-            if len(images) == 0:
-                continue
+        for _, images, targets in real_batches(loader, progress):
             with autocast:
                 logits = model(images.to(device, non_blocking=True))
             meter.update(logits.float(), targets.to(device, non_blocking=True).long())

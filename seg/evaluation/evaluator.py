@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
+from seg import distributed
 from seg.data.labels import IGNORE_INDEX, NUM_CLASSES, REFERENCE_NUM_CLASSES, TRAIN_TO_REFERENCE_LUT
 from seg.evaluation.metrics import ConfusionMatrix, nanmean
 from seg.inference import Predictor
@@ -27,19 +27,12 @@ REFERENCE_SHORT_SIDE = 520
 _TRAIN_TO_REFERENCE = torch.tensor(TRAIN_TO_REFERENCE_LUT.tolist(), dtype=torch.int64)
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class ShardedEvalSampler(Sampler[int]):
     """Indices ``rank, rank + world, ...`` in order, without padding (shards may differ by one)."""
 
     def __init__(self, dataset: Dataset, rank: int | None = None, world_size: int | None = None):
-        r, w = _dist_info()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
         self.length = len(dataset)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[int]:
@@ -83,6 +76,29 @@ def _real_count(loader: DataLoader) -> int | None:
         # The padded list is indices[:n] + repeats; this rank takes positions rank, rank + world, ...
         return len(range(sampler.rank, n, sampler.num_replicas))
     return None
+
+
+def real_batches(loader: DataLoader, progress: bool = False) -> Iterator[tuple[int, Any, Any]]:
+    """``(offset, inputs, targets)`` of each batch this process scores, for every task's evaluation loop.
+
+    A ``DistributedSampler``'s repeated padding samples are dropped, so each sample counts once over all
+    processes, and a batch left empty is skipped; ``offset`` is the position of the batch's first sample in this
+    process's share of the loader. ``progress``: a progress bar, on rank 0 only.
+    """
+    real = _real_count(loader)
+    iterator: Any = loader
+    if progress and distributed.is_main_process():
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+    seen = 0
+    for inputs, targets in iterator:
+        if real is not None and seen + len(inputs) > real:  # drop the sampler's repeated samples
+            keep = max(0, real - seen)
+            inputs, targets = inputs[:keep], targets[:keep]
+        offset, seen = seen, seen + len(inputs)
+        if len(inputs):
+            yield offset, inputs, targets
 
 
 def to_reference_target(target: torch.Tensor) -> torch.Tensor:
@@ -188,23 +204,10 @@ def evaluate(
         cm = ConfusionMatrix(num_classes, ignore_index, device=predictor.device)
 
     indices = _sample_indices(loader) if on_batch is not None else None
-    real = _real_count(loader)
-    rank, _ = _dist_info()
-    iterator = loader
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
-
     seen = 0
-    for images, targets in iterator:
-        if real is not None and seen + len(images) > real:  # drop the sampler's repeated samples
-            keep = max(0, real - seen)
-            images, targets = images[:keep], targets[:keep]
-        batch_idx = indices[seen : seen + len(images)] if indices is not None else None
+    for offset, images, targets in real_batches(loader, progress):
+        batch_idx = indices[offset : offset + len(images)] if indices is not None else None
         seen += len(images)
-        if len(images) == 0:
-            continue
         targets = targets.to(predictor.device, non_blocking=True)
         if reference_compat and min(images.shape[-2:]) != REFERENCE_SHORT_SIDE:
             images, targets = _resize_short_side(images, targets, REFERENCE_SHORT_SIDE)
@@ -218,10 +221,7 @@ def evaluate(
             on_batch(batch_idx, pred, targets)
 
     cm.reduce_from_all_processes()
-    num_images = torch.tensor([seen if real is None else min(seen, real)], device=cm.mat.device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        num_images = num_images.to(cm.mat.device if dist.get_backend() != "nccl" else "cuda")
-        dist.all_reduce(num_images)
+    num_images = distributed.sum_counts(torch.tensor([seen]))
     result = benchmark_from_reference(cm) if reference else cm.compute()
     if reference:
         result["miou_reference"] = reference_miou(cm)

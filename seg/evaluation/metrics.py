@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from seg.distributed import sum_counts
 
 
 class ConfusionMatrix:
@@ -65,13 +66,7 @@ class ConfusionMatrix:
 
     def reduce_from_all_processes(self) -> None:
         """Sum the matrices of all processes (no-op outside ``torch.distributed``)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        # nccl only reduces CUDA tensors; gloo reduces CPU ones.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        mat = self.mat.to(device)
-        dist.all_reduce(mat, op=dist.ReduceOp.SUM)
-        self.mat = mat.to(self.mat.device)
+        self.mat = sum_counts(self.mat)
 
     def compute(self) -> dict[str, Any]:
         """Metrics as plain Python floats: miou, iou (list, NaN for absent classes), acc, macc, class_acc."""

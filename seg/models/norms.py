@@ -16,11 +16,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch.distributed as dist
 import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
 
 from seg.config import ConfigError, DeconvConfig, IterNormConfig, ModelConfig
+from seg.distributed import group_on_cuda, world_size
 from seg.nn import ChannelDeconv, IterNorm, deconvolve
 from seg.nn.convert import replace_batchnorm
 
@@ -29,10 +29,6 @@ logger = logging.getLogger(__name__)
 # Fields of ``model.deconv`` that the builder itself acts on; every other field is a ``deconvolve``
 # keyword of the same name and is passed on as it is, so a new setting is not listed again here.
 BUILDER_DECONV_FIELDS = frozenset({"classifier", "keep_bn"})
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _classifier_names(model: nn.Module) -> list[str]:
@@ -73,7 +69,7 @@ def sync_statistics(cfg: ModelConfig) -> bool:
     IterNorm, ChannelDeconv and Delinear act on it; GroupNorm and ``none`` have no batch statistics. In one
     process, only when ``model.deconv.sync`` asks for it (then the layers sync once a process group exists).
     """
-    return _world_size() > 1 or (cfg.norm == "deconv" and cfg.deconv.sync)
+    return world_size() > 1 or (cfg.norm == "deconv" and cfg.deconv.sync)
 
 
 def _apply_deconv(model: nn.Module, cfg: ModelConfig, sync: bool) -> nn.Module:
@@ -106,16 +102,9 @@ def _kept_batchnorms(model: nn.Module, patterns: list[str], arch: str) -> list[s
     return kept
 
 
-def _group_on_cuda() -> bool:
-    """Whether the process group reduces CUDA tensors (NCCL): ``init_distributed`` makes one for ``--device cuda``
-    and a gloo group for ``cpu``, so this follows the run's chosen device, not the machine
-    (``torch.cuda.is_available()`` is also true for a CPU run on a GPU machine, where SyncBatchNorm fails)."""
-    return dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend())
-
-
 def _apply_bn(model: nn.Module, cfg: ModelConfig, sync: bool) -> nn.Module:
     if sync:
-        if _group_on_cuda():
+        if group_on_cuda():
             # timm's converter also handles its BatchNormAct2d (torch's would drop the activation).
             model = convert_sync_batchnorm(model)
         else:

@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seg.distributed import is_distributed
 from seg.nn.isqrt import METHODS, isqrt
 from seg.nn.moments import PatchSampler, sampled_covariance, sampled_moments
-from seg.nn.sync import summed_together, sync_active, synced_mean_and_second
+from seg.nn.sync import summed_together, synced_mean_and_second
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -371,7 +372,7 @@ class FastDeconv(nn.Conv2d):
     def _moments(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(G, nf)`` and either the covariance ``(G, nf, nf)`` (``full``) or its mean diagonal ``(G,)``,
         both with ``eps`` added, over all processes when ``sync`` is on."""
-        sync = self.sync and sync_active()
+        sync = self.sync and is_distributed()
         # Synced sums are taken about the running mean (the same on every process, close to the batch's).
         shift = self.running_mean.to(x.dtype) if sync else None
         # matrix_grad=False: the matrix (and its rescaling) is a constant: nothing recorded for the
@@ -603,7 +604,7 @@ class ChannelDeconv(nn.Module):
         sample = s > 1 and h >= s and w >= s
         first = self.num_batches_tracked == 0 if self.training else None
 
-        sync = self.sync and sync_active()
+        sync = self.sync and is_distributed()
         x1 = x[:, :c].permute(1, 0, 2, 3).reshape(b, -1)
         x1_s = x1[:, :: s * s] if sample else x1
         rest = x[:, c:] if c != c_all else None
@@ -698,7 +699,7 @@ class Delinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Delinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
         if self.training:
-            sync = self.sync and sync_active()
+            sync = self.sync and is_distributed()
             rows = x.reshape(-1, self.block)
             eye = torch.eye(self.block, dtype=x.dtype, device=x.device)
             if sync:

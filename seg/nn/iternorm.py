@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from seg.nn.sync import sync_active, synced_mean_and_second
+from seg.distributed import is_distributed
+from seg.nn.sync import synced_mean_and_second
 
 
 def _positive(name: str, value: Any, kind: type) -> None:
@@ -97,7 +98,7 @@ class IterNorm(nn.Module):
 
     def _whitening(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch mean ``(G, d, 1)`` and whitening matrix ``(G, d, d)`` of ``flat (G, d, m)``."""
-        if self.sync and sync_active():
+        if self.sync and is_distributed():
             # Count, sums and second moments in one all-reduce, about the running mean (seg.nn.sync).
             count, mean, second = synced_mean_and_second(flat, self.running_mean.to(flat.dtype))
         else:

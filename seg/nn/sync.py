@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def sync_active() -> bool:
-    """True when a process group is initialised with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from seg.distributed import is_distributed
 
 
 def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,7 +34,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Differentiable sum of ``tensor`` over all processes (identity without a process group)."""
-    if not sync_active():
+    if not is_distributed():
         return tensor
     return _AllReduceSum.apply(tensor)
 

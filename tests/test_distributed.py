@@ -1,0 +1,42 @@
+"""seg.distributed: rank, world size and count sums without a process group and in a one-process gloo group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from seg import distributed
+
+
+def test_one_process_without_a_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    assert not distributed.group_initialized()
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert not distributed.is_distributed() and distributed.is_main_process() and not distributed.group_on_cuda()
+    counts = torch.arange(4)
+    assert distributed.sum_counts(counts) is counts  # nothing to sum
+
+
+@pytest.fixture
+def gloo_group(tmp_path: Path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_group_of_one_process_is_not_distributed(gloo_group, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert distributed.group_initialized() and not distributed.group_on_cuda()  # gloo: sums on the CPU
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert not distributed.is_distributed() and distributed.is_main_process()
+    # Told there are two processes, the counts go through the group's all_reduce (the identity with one).
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    assert distributed.is_distributed()
+    counts = torch.tensor([[3, 1], [0, 2]])
+    summed = distributed.sum_counts(counts)
+    assert summed is not counts and torch.equal(summed, counts) and summed.device == counts.device
