@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,13 @@ def test_a_group_of_one_process_is_not_distributed(gloo_group, monkeypatch: pyte
     counts = torch.tensor([[3, 1], [0, 2]])
     summed = distributed.sum_counts(counts)
     assert summed is not counts and torch.equal(summed, counts) and summed.device == counts.device
+
+
+def test_only_seg_distributed_asks_the_process_group() -> None:
+    # The rule of CONTRIBUTING.md: rank, world size and the backend come from seg.distributed.
+    seg = Path(__file__).resolve().parents[1] / "seg"
+    asks = re.compile(r"\bdist\.(get_rank|get_world_size|is_initialized|get_backend)\(")
+    offenders = [str(p.relative_to(seg)) for p in sorted(seg.rglob("*.py"))
+                 if p.name != "distributed.py" or p.parent != seg
+                 if asks.search(p.read_text())]
+    assert not offenders, f"ask seg.distributed instead: {offenders}"
