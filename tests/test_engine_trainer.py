@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.checkpoint import CheckpointError
+from seg.checkpoint import CheckpointError, load_checkpoint
 from seg.config import Config, ConfigError, from_dict, load_config
-from seg.engine import DistInfo, NonFiniteLossError, load_checkpoint, train
+from seg.engine import DistInfo, NonFiniteLossError, train
 from seg.tasks import DataRootError, SegmentationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

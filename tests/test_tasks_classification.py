@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from seg.checkpoint import load_checkpoint
 from seg.config import Config, ConfigError, load_config
 from seg.data import generate_cifar10_standin
-from seg.engine import DistInfo, load_checkpoint, train
+from seg.engine import DistInfo, train
 from seg.evaluation import ShardedEvalSampler, build_eval_loader
 from seg.evaluation.classification import TopKAccuracy, evaluate_classification, topk_correct
 from seg.models.cifar import CIFAR_ARCHS

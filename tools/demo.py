@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seg.checkpoint import latest_checkpoint, load_checkpoint
 from seg.config import ConfigError, load_config
 from seg.data import CityscapesDataset, build_transforms
 from seg.data.cityscapes import read_label
 from seg.data.labels import CLASS_NAMES, label_to_train
 from seg.data.synthetic import VIDEO_NAME, generate
-from seg.engine import DistInfo, latest_checkpoint, load_checkpoint, train
+from seg.engine import DistInfo, train
 from seg.evaluation import build_eval_loader, evaluate, format_table
 from seg.inference import Predictor
 from seg.media import read_image_rgb, write_image

@@ -20,8 +20,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from seg.checkpoint import latest_checkpoint
 from seg.config import ConfigError, dump_yaml, load_config
-from seg.engine import elastic_restart_count, finish, init_distributed, latest_checkpoint, train
+from seg.engine import elastic_restart_count, finish, init_distributed, train
 from seg.errors import UserError, error_message
 from seg.tasks import TASKS
 

@@ -3,7 +3,7 @@ class-folder classification datasets, their transforms and a CIFAR-10-format sta
 
 from seg.data.cifar import CifarDataset
 from seg.data.cifar_standin import generate_cifar10_standin
-from seg.data.cityscapes import CityscapesDataset, DatasetError, prepare_train_ids, read_label
+from seg.data.cityscapes import CityscapesDataset, DatasetError, prepare_train_ids
 from seg.data.classification_transforms import build_classification_transforms
 from seg.data.imagefolder import ImageFolderDataset
 from seg.data.seeding import derive_seed, make_generator, seed_dataset_transforms, worker_init_fn
@@ -20,7 +20,6 @@ __all__ = [
     "generate_cifar10_standin",
     "make_generator",
     "prepare_train_ids",
-    "read_label",
     "seed_dataset_transforms",
     "worker_init_fn",
 ]

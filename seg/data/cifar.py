@@ -29,7 +29,6 @@ from seg.data.cityscapes import DatasetError
 from seg.data.classification_transforms import CIFAR_NAMES, build_classification_transforms, check_dataset_name
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
-IMAGE_SHAPE = (32, 32, 3)  # H, W, C of the arrays this module hands out
 ROW_LENGTH = 3 * 32 * 32
 
 

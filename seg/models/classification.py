@@ -52,11 +52,6 @@ CIFAR_DECONV_FIELDS = frozenset({"block", "sampling_stride", "n_iter", "eps", "m
 _NOT_CIFAR = frozenset({"sync", "classifier"})
 
 
-def is_classification_arch(arch: str) -> bool:
-    """Whether ``model.arch`` names a classifier this module builds (not whether that model exists)."""
-    return arch in CIFAR_ARCHS or arch in MLP_ARCHS or arch.startswith(PREFIXES)
-
-
 def _check_cifar_deconv(d: DeconvConfig) -> None:
     """The CIFAR networks follow the reference's fixed rules for what build_cifar_model does not take: the
     stems it freezes (VGG's with 15 iterations; most Table 1 networks' with 10, SENet's with 15; ResNet's and
