@@ -9,28 +9,19 @@ over all processes, and float32 whitening under autocast.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 
 from seg.distributed import is_distributed
+from seg.nn.checks import check_momentum, check_positive
 from seg.nn.sync import synced_mean_and_second
-
-
-def _positive(name: str, value: Any, kind: type) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if kind is int:
-        ok = ok and isinstance(value, int)
-    if not ok:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
 
 def group_size(num_features: int, num_channels: int) -> int:
     """The official rule: halve ``num_channels`` until it divides ``num_features`` (so 48 channels with
     ``num_channels=64`` are whitened in groups of 16, not in one group of 48)."""
-    _positive("num_features", num_features, int)
-    _positive("num_channels", num_channels, int)
+    check_positive("num_features", num_features, int)
+    check_positive("num_channels", num_channels, int)
     while num_features % num_channels != 0:
         num_channels //= 2
     return num_channels
@@ -59,10 +50,9 @@ class IterNorm(nn.Module):
     def __init__(self, num_features: int, num_channels: int = 64, T: int = 5, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True, sync: bool = False) -> None:
         super().__init__()
-        _positive("T", T, int)
-        _positive("eps", eps, float)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        check_positive("T", T, int)
+        check_positive("eps", eps, float)
+        check_momentum(momentum)
         if not isinstance(affine, bool):
             raise ValueError(f"affine must be a bool, got {affine!r}")
         if not isinstance(sync, bool):
