@@ -1,4 +1,5 @@
-"""deconvseg: Cityscapes semantic segmentation with network deconvolution instead of BatchNorm."""
+"""deconvseg: network deconvolution instead of BatchNorm, for Cityscapes semantic segmentation and for the paper's
+image classification runs (CIFAR, MNIST, ImageNet-style folders)."""
 
 import os
 

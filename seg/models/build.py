@@ -1,5 +1,6 @@
-"""``build_model``: a DeepLabV3 / DeepLabV3+ / FCN ``Segmenter`` from the ``model:`` config section, and
-``model_from_checkpoint``: the same model rebuilt from a training checkpoint.
+"""``build_model``: the model of the ``model:`` config section (a DeepLabV3 / DeepLabV3+ / FCN ``Segmenter``, or a
+classifier from :mod:`seg.models.classification`), and ``model_from_checkpoint``: the same model rebuilt from a
+training checkpoint.
 
 Order matters: smp builds the encoder (its dilation patch rewrites ``nn.Conv2d`` at construction),
 ``contract_dilation`` gives a dilated ResNet torchvision's geometry, the heads are initialised, then
