@@ -21,7 +21,7 @@ from seg.engine import DistInfo, train
 from seg.evaluation import ShardedEvalSampler, build_eval_loader
 from seg.evaluation.classification import TopKAccuracy, evaluate_classification, topk_correct
 from seg.models.cifar import CIFAR_ARCHS
-from seg.tasks import DataRootError, build_task
+from seg.tasks import TASKS, DataRootError, build_task
 from tools import eval as eval_tool
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -103,6 +103,16 @@ def test_sharded_evaluation_with_a_summing_reduce_counts_every_image_once() -> N
     # Rank 0's all_reduce adds rank 1's counts (what torch.distributed.all_reduce does with two processes).
     reduced = evaluate_classification(FixedLogits(), shard(0), "cpu", all_reduce=lambda t: t.add_(other[0]))
     assert reduced == whole
+
+
+def test_every_task_validates_on_the_first_val_max_images() -> None:
+    data = TensorDataset(torch.arange(10))
+    for limit, expected in [(None, list(range(10))), (3, [0, 1, 2]), (50, list(range(10)))]:
+        cfg = Config()
+        cfg.train.val_max_images = limit
+        for task in TASKS.values():  # limit_val reads only train.val_max_images
+            kept = task(cfg).limit_val(data)
+            assert [int(kept[i][0]) for i in range(len(kept))] == expected
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.config import Config
 from seg.errors import UserError
@@ -57,6 +57,11 @@ class Task(ABC):
     @abstractmethod
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
         """What the writers record of a validation (rank 0 only)."""
+
+    def limit_val(self, val_set: Dataset) -> Dataset:
+        """The first ``train.val_max_images`` samples of ``val_set`` (all when unset): what the loop validates on."""
+        limit = self.cfg.train.val_max_images
+        return val_set if limit is None else Subset(val_set, range(min(limit, len(val_set))))
 
     def to_device(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A loader batch as (inputs, targets) on ``device``."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from seg.config import MNIST_DATASETS, Config, ConfigError
 from seg.data import CifarDataset, DatasetError, ImageFolderDataset, build_classification_transforms
@@ -115,8 +115,7 @@ class ClassificationTask(Task):
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         train_set, val_set = build_classification_datasets(self.cfg)
-        limit = self.cfg.train.val_max_images
-        self.val_set = val_set if limit is None else Subset(val_set, range(min(limit, len(val_set))))
+        self.val_set = self.limit_val(val_set)
         return train_set, self.val_set
 
     def build_model(self) -> nn.Module:

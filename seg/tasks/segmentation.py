@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from seg.data import CityscapesDataset, DatasetError, build_transforms
 from seg.data.labels import CLASS_NAMES, reference_to_train
@@ -45,8 +45,7 @@ class SegmentationTask(Task):
             val_set = CityscapesDataset(data.root, data.val_split, build_transforms(data, train=False), labels)
         except DatasetError as e:
             raise DataRootError(f"{e}\n\n{DEMO_HINT}") from e
-        limit = self.cfg.train.val_max_images
-        self.val_set = val_set if limit is None else Subset(val_set, range(min(limit, len(val_set))))
+        self.val_set = self.limit_val(val_set)
         return train_set, self.val_set
 
     def build_model(self) -> nn.Module:
