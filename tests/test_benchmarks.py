@@ -22,6 +22,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # whole DeepLabV3 models, every norm and a profiled breakdown: the slowest test
 def test_train_step_prints_ratios_norms_variants_and_breakdown():
     proc = run("--encoder", "resnet18", "--arch", "fcn", "--os", "16", "--size", "64", "128", "--batch", "2",
                "--repeats", "1", "--warmup", "0", "--no-memory", "--variant", "stats_every=2,matrix_grad=false",
@@ -49,6 +50,7 @@ def test_train_step_prints_ratios_norms_variants_and_breakdown():
     assert shares[0] > 0 and shares[2] > 0  # the fold and the inverse square root were seen by the profiler
 
 
+@pytest.mark.slow  # a profiled layer benchmark in a subprocess
 def test_deconv_layer_writes_ratios_spread_and_a_breakdown_that_adds_up(tmp_path: Path) -> None:
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     out = tmp_path / "layer"
@@ -89,6 +91,7 @@ def test_train_step_rejects_unknown_norms_and_a_breakdown_without_deconv():
 # -- train_step.py --sweep ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a sweep of whole models in a subprocess
 def test_sweep_writes_table_json_and_plot(tmp_path: Path) -> None:
     proc = run("--sweep", "--sizes", "2x32x64", "1x32x64", "--max-pixels", "3000", "--archs", "fcn",
                "--output-strides", "16", "--encoder", "resnet18", "--norm", "bn", "deconv", "--repeats", "2",

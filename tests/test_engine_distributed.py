@@ -27,6 +27,7 @@ def _small(norm: str) -> nn.Module:
     return build_model(ModelConfig(arch="deeplabv3", encoder="resnet18", output_stride=16, norm=norm))
 
 
+@pytest.mark.slow  # two gloo processes train DDP
 def test_ddp_replicas_stay_identical_with_a_3_2_split_and_all_ranks_see_broken_weights(tmp_path: Path) -> None:
     ranks = run_two_ranks("dist_ddp_worker.py", tmp_path)
     assert [r["broadcast"] for r in ranks] == [False, False]  # synced statistics: no buffer broadcast

@@ -69,7 +69,7 @@ def test_a_few_iterations_write_everything(synthetic_root: Path, tmp_path: Path)
     assert all(r["peak_mem_gb"] > 0 for r in _records(tmp_path, "train"))
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # a worker process: slow tier
 def test_resume_equals_an_uninterrupted_run(synthetic_root: Path, tmp_path: Path, workers: int) -> None:
     # 4 training images at batch 2: iterations 1-2 are epoch 0, 3-4 epoch 1; stopping after 3 resumes mid-epoch.
     cfg = tiny_cfg(synthetic_root, f"data.num_workers={workers}", "train.iterations=5")

@@ -295,6 +295,7 @@ def test_sync_without_a_process_group_is_the_local_operator():
 # synced statistics on two processes
 
 
+@pytest.mark.slow  # two gloo processes
 def test_sync_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
     ranks = run_two_ranks("dist_iternorm_worker.py", tmp_path)
 

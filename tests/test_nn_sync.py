@@ -7,9 +7,13 @@ import torch
 
 from tests.dist_sync_worker import assert_ranks_match_one_process, make_inputs, run_two_ranks
 
+# Two gloo processes per case (~3 s each quiet): the reference operator in the fast tier, the options in slow.
+_SLOW = pytest.mark.slow
+
 
 @pytest.mark.parametrize("stats_every,matrix_grad,norm_type",
-                         [(1, True, "none"), (2, True, "none"), (1, False, "none"), (1, True, "layernorm")])
+                         [(1, True, "none"), pytest.param(2, True, "none", marks=_SLOW),
+                          pytest.param(1, False, "none", marks=_SLOW), pytest.param(1, True, "layernorm", marks=_SLOW)])
 def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every, matrix_grad, norm_type):
     # norm_type: the per-sample normalisation is local, the statistics of its output are synced.
     ranks = run_two_ranks("dist_sync_worker.py", tmp_path, str(stats_every), "true" if matrix_grad else "false",
@@ -29,6 +33,7 @@ def test_sync_two_gloo_processes_equal_one_process(tmp_path, stats_every, matrix
         param_grads={"grad_weight": layer.weight.grad})
 
 
+@pytest.mark.slow  # two gloo processes per case
 @pytest.mark.parametrize("kind", ["channel_deconv", "delinear"])
 def test_channel_deconv_and_delinear_sync_equal_one_process(tmp_path, kind):
     from tests.dist_whitening_worker import make_inputs as whitening_inputs

@@ -376,6 +376,7 @@ def tiny_study(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {"study": study, "out": d / "out", "result": result, "log": lines, "opts": tiny_opts(synthetic_root)}
 
 
+@pytest.mark.slow  # trains the tiny study's runs (module fixture)
 def test_tiny_study_writes_its_files(tiny_study: dict) -> None:
     out, result = tiny_study["out"], tiny_study["result"]
     assert not result.failed and result.signum is None, [r.message for r in result.failed]
@@ -388,6 +389,7 @@ def test_tiny_study_writes_its_files(tiny_study: dict) -> None:
     assert any("OMP_NUM_THREADS" in line for line in tiny_study["log"])
 
 
+@pytest.mark.slow  # trains the tiny study's runs (module fixture)
 def test_tiny_study_numbers_come_from_the_runs(tiny_study: dict) -> None:
     out = tiny_study["out"]
     summary = json.loads((out / "study.json").read_text())
@@ -411,6 +413,7 @@ def test_tiny_study_numbers_come_from_the_runs(tiny_study: dict) -> None:
     assert "deconv" in (out / "study.md").read_text()
 
 
+@pytest.mark.slow  # trains the tiny study's runs (module fixture)
 def test_second_call_skips_finished_runs(tiny_study: dict) -> None:
     out = tiny_study["out"]
     before = {p: p.read_text() for p in out.glob("*/seed*/metrics.jsonl")}
@@ -565,6 +568,7 @@ def tiny_sweep(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {"study": study, "out": d / "out", "result": result, "log": lines, "opts": opts}
 
 
+@pytest.mark.slow  # trains the tiny sweep's runs (module fixture)
 def test_tiny_sweep_picks_then_reports(tiny_sweep: dict) -> None:
     out, result = tiny_sweep["out"], tiny_sweep["result"]
     assert not result.failed and result.signum is None, [r.message for r in result.failed]
@@ -594,6 +598,7 @@ def test_tiny_sweep_picks_then_reports(tiny_sweep: dict) -> None:
         assert (out / name).is_file()
 
 
+@pytest.mark.slow  # trains the tiny sweep's runs (module fixture)
 def test_tiny_sweep_second_call_skips_everything(tiny_sweep: dict) -> None:
     lines: list[str] = []
     result = run_study(tiny_sweep["study"], tiny_sweep["out"], tiny_sweep["opts"], device="cpu", jobs=2,
@@ -603,6 +608,7 @@ def test_tiny_sweep_second_call_skips_everything(tiny_sweep: dict) -> None:
     assert any(line.startswith("skip bn/lr_0.01/seed7") for line in lines)
 
 
+@pytest.mark.slow  # trains a selection run in a subprocess
 def test_a_failing_selection_run_stops_that_variant_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture
                                                                 ) -> None:
     path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]},

@@ -101,7 +101,10 @@ def test_expected_failures_in_process(tool, case, files, capsys):
     one_error_line(capsys.readouterr().err, *names)
 
 
-@pytest.mark.parametrize("tool", list(CASES))
+# One tool as a real process in the fast tier (interpreter start-up is most of the cost: ~3 s each); the
+# others in the slow tier. Every case of every tool also runs in-process above.
+@pytest.mark.parametrize("tool", [t if i == 0 else pytest.param(t, marks=pytest.mark.slow)
+                                  for i, t in enumerate(CASES)])
 def test_expected_failure_as_a_process(tool, files):
     """The first case of each tool as a real process: exit status and stderr as a user sees them."""
     argv_of, code, names = CASES[tool][0]

@@ -57,6 +57,7 @@ def _records(work_dir: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_process_torchrun_ends_with_identical_weights(synthetic_root: Path, tmp_path: Path) -> None:
     cmd = train_cmd(tmp_path, synthetic_root, launcher=TORCHRUN_2)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
@@ -72,6 +73,7 @@ def test_two_process_torchrun_ends_with_identical_weights(synthetic_root: Path, 
     assert [v["iteration"] for v in _records(tmp_path, "val")] == [3]
 
 
+@pytest.mark.slow  # a training subprocess killed with SIGTERM
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_root: Path, tmp_path: Path) -> None:
     cmd = train_cmd(tmp_path, synthetic_root, "train.iterations=100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
