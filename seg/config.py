@@ -294,13 +294,13 @@ class Config(_Section):
             if weights is not None and len(weights) != self.model.num_classes:
                 raise ConfigError(f"key 'train.class_weights' has {len(weights)} values, expected one per class "
                                   f"(model.num_classes {self.model.num_classes})")
+        elif self.data.dataset == "cityscapes":
+            raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
+                              "'classification' expects one of cifar10, cifar100, mnist, fashion_mnist, imagenet")
         elif self.train.loss == "ohem" or self.train.class_weights is not None:
             raise ConfigError(f"key 'train.{'loss' if self.train.loss == 'ohem' else 'class_weights'}' is a "
                               "segmentation setting; task 'classification' expects train.loss ce or l2 and no "
                               "train.class_weights")
-        elif self.data.dataset == "cityscapes":
-            raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
-                              "'classification' expects one of cifar10, cifar100, mnist, fashion_mnist, imagenet")
         elif (self.data.dataset in MNIST_DATASETS) != (self.model.arch == "mlp"):
             # The reference's CIFAR and ImageNet networks take 3-channel images; its MLP takes 784 values.
             raise ConfigError(f"key 'model.arch' has value {self.model.arch!r} with data.dataset "

@@ -18,7 +18,7 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def tiny_cfg(root: Path, *overrides: str) -> Config:
-    """ResNet-18 DeepLabV3 with deconvolution on 64x128 synthetic images, 32x64 crops, batch 2."""
+    """The demo recipe (DeepLabV3+, ResNet-18, deconvolution) on 64x128 synthetic images, 32x64 crops, batch 2."""
     return load_config(
         CONFIGS / "demo.yaml",
         [

@@ -522,8 +522,9 @@ def test_sweep_plan_layout_and_overrides(tmp_path: Path) -> None:
     assert (specs[1].cfg.train.lr, specs[1].cfg.train.seed) == (0.1, 7)
     assert plan_runs(study, tmp_path / "out") == []  # the reported runs wait for their picks
     reported = plan_runs(study, tmp_path / "out", picks={"deconv": 0.3})
+    demo_iterations = load_config(REPO / "configs" / "demo.yaml").train.iterations  # selection opts do not apply
     assert [(s.label, s.cfg.train.lr, s.cfg.train.iterations) for s in reported] == [
-        ("deconv/seed0", 0.3, 300), ("deconv/seed1", 0.3, 300)]
+        ("deconv/seed0", 0.3, demo_iterations), ("deconv/seed1", 0.3, demo_iterations)]
 
 
 def _selection_run(out: Path, variant: str, value: float, seed: int, miou: float | None) -> None:

@@ -78,7 +78,7 @@ def test_segmentation_task_trains_with_the_configured_loss():
     logits, targets = _batch(5, c=19)
     outputs = {"out": logits, "aux": logits * 0.5}
     weights = [1.0 + i / 10 for i in range(19)]
-    base = ["train.aux_weight=0.4"]
+    base = ["train.aux_weight=0.4", "train.loss=ce"]
     configs = Path(__file__).resolve().parents[1] / "configs"
     plain = build_task(load_config(configs / "demo.yaml", base)).loss(outputs, targets)
     expected = F.cross_entropy(logits, targets, ignore_index=IGNORE)
