@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from seg.media import read_image_rgb
-from seg.visualize import GAP, TITLE_HEIGHT
+from seg.visualize import GAP, TITLE_HEIGHT, colorize
 from tools import demo
 
 
@@ -28,7 +30,13 @@ def test_demo_end_to_end_tiny(synthetic_root: Path, tmp_path: Path, capsys: pyte
     assert len(compares) == min(demo.NUM_MASKS, len(val_images)) > 0
     image = read_image_rgb(val_images[0])
     h, w = image.shape[:2]
-    assert read_image_rgb(compares[0]).shape == (h + TITLE_HEIGHT, 3 * w + 2 * GAP, 3)
+    row = read_image_rgb(compares[0])
+    assert row.shape == (h + TITLE_HEIGHT, 3 * w + 2 * GAP, 3)
+    # The middle panel is the ground truth in the trainId palette (the labelTrainIds file colored as it is).
+    stem = compares[0].name[: -len("_compare.png")]
+    label_file = next((synthetic_root / "gtFine" / "val").rglob(f"{stem}_gtFine_labelTrainIds.png"))
+    truth = colorize(np.asarray(Image.open(label_file)))
+    assert np.array_equal(row[TITLE_HEIGHT:, w + GAP: 2 * w + GAP], truth)
     table = (work / "val_iou.txt").read_text()
     assert "road" in table and "mIoU" in table
     for label in ("checkpoint:", "IoU table:", "run folder:"):  # every path it names exists

@@ -21,13 +21,12 @@ import torch
 from seg.checkpoint import latest_checkpoint, load_checkpoint
 from seg.config import ConfigError, load_config
 from seg.data import CityscapesDataset, build_transforms
-from seg.data.cityscapes import read_label
-from seg.data.labels import CLASS_NAMES, label_to_train
+from seg.data.labels import CLASS_NAMES
 from seg.data.synthetic import VIDEO_NAME, generate
 from seg.engine import DistInfo, train
 from seg.evaluation import build_eval_loader, evaluate, format_table
 from seg.inference import Predictor
-from seg.media import read_image_rgb, write_image
+from seg.media import write_image
 from seg.visualize import colorize, overlay, titled_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     step(5, f"writing input | ground truth | prediction for {NUM_MASKS} val images")
     mask_dir = work_dir / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
-    for image_path, label_path in val_set.files[:NUM_MASKS]:
-        image = read_image_rgb(image_path)
+    for index in range(min(NUM_MASKS, len(val_set))):
+        image, truth_ids = val_set.load(index)  # the mask in trainIds, whichever label file the set holds
         color = colorize(np.asarray(predictor(image)))
-        truth = colorize(label_to_train(read_label(label_path)))
-        stem = Path(image_path).name.replace("_leftImg8bit.png", "")
+        truth = colorize(truth_ids)
+        stem = Path(val_set.files[index][0]).name.replace("_leftImg8bit.png", "")
         write_image(mask_dir / f"{stem}_compare.png", titled_row([image, truth, color],
                                                                  ["input", "ground truth", "prediction"]))
         write_image(mask_dir / f"{stem}_color.png", color)
