@@ -36,3 +36,15 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_data_cfg(synthetic_root: Path) -> DataConfig:
     """DataConfig pointing at ``synthetic_root`` with 32x64 crops and no worker processes."""
     return DataConfig(root=str(synthetic_root), crop_size=[32, 64], scale_range=[0.75, 1.25], num_workers=0)
+
+
+@pytest.fixture
+def gloo_group(tmp_path: Path):
+    """A gloo process group of this one process (rank 0 of 1), destroyed after the test."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -22,15 +22,6 @@ def test_one_process_without_a_group() -> None:
     assert distributed.sum_counts(counts) is counts  # nothing to sum
 
 
-@pytest.fixture
-def gloo_group(tmp_path: Path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_group_of_one_process_is_not_distributed(gloo_group, monkeypatch: pytest.MonkeyPatch) -> None:
     assert distributed.group_initialized() and not distributed.group_on_cuda()  # gloo: sums on the CPU
     assert (distributed.rank(), distributed.world_size()) == (0, 1)

@@ -50,15 +50,6 @@ def test_buffers_identical_by_construction_only_without_plain_batchnorm() -> Non
     assert trainer.buffers_identical_by_construction(nn.SyncBatchNorm.convert_sync_batchnorm(bn))
 
 
-@pytest.fixture
-def gloo_group(tmp_path: Path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _kinds(model: nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from seg.data.arrays import ArrayDataset
 from seg.data.cityscapes import DatasetError
 from seg.data.classification_transforms import CIFAR_NAMES, build_classification_transforms, check_dataset_name
 
@@ -184,7 +183,7 @@ def read_class_names(path: Path, names_key: bytes, num_classes: int, what: str) 
 # the dataset
 
 
-class CifarDataset(Dataset):
+class CifarDataset(ArrayDataset):
     """CIFAR-10 or CIFAR-100 (fine labels); items are ``(transform(image=rgb)["image"], label)``.
 
     Args:
@@ -241,14 +240,3 @@ class CifarDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return self.layout.num_classes
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def load(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw pair: RGB uint8 32x32x3 image (a copy) and its label."""
-        return self.images[index].copy(), self.targets[index]
-
-    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
-        image, label = self.load(index)
-        return self.transform(image=image)["image"], torch.tensor(label, dtype=torch.int64)

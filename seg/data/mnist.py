@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from seg.data.arrays import ArrayDataset
 from seg.data.cityscapes import DatasetError
 from seg.data.classification_transforms import MNIST_NAMES, build_classification_transforms, check_dataset_name
 from seg.data.idx import read_idx
@@ -96,7 +95,7 @@ def read_labels(path: Path, title: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-class MnistDataset(Dataset):
+class MnistDataset(ArrayDataset):
     """MNIST or Fashion-MNIST; items are ``(transform(image=gray)["image"], label)``.
 
     Args:
@@ -133,14 +132,3 @@ class MnistDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def load(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw pair: a uint8 28x28 image (a copy) and its label."""
-        return self.images[index].copy(), self.targets[index]
-
-    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
-        image, label = self.load(index)
-        return self.transform(image=image)["image"], torch.tensor(label, dtype=torch.int64)
