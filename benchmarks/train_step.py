@@ -78,6 +78,7 @@ from common import (  # noqa: E402  (benchmarks/common.py)
 )
 from sweep_report import SweepReport, norm_results, point_record, run_meta, workload_label  # noqa: E402
 
+import seg.tasks  # noqa: E402, F401  (importing it registers every task's config rules)
 from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, parse_override  # noqa: E402
 from seg.models import build_model  # noqa: E402
 from seg.nn import FastDeconv, fold_deconv  # noqa: E402

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,20 @@ import yaml
 
 from seg.errors import UserError
 
-SEGMENTATION_ARCHS = ("deeplabv3", "deeplabv3plus", "fcn")
-MNIST_DATASETS = ("mnist", "fashion_mnist")
-
 
 class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
+
+
+# task name -> the task's own config rules (which model.arch, data.dataset, train.loss it takes; raise
+# ConfigError). The config knows no task by name: each task in seg/tasks/ registers itself when the package
+# seg.tasks is imported (seg.tasks.register_task), so a program imports seg.tasks before it reads a config.
+TASK_RULES: dict[str, Callable[[Config], None]] = {}
+
+
+def register_task_rules(name: str, check: Callable[[Config], None]) -> None:
+    """Make ``task: <name>`` valid, with ``check(cfg)`` run on every config of that task."""
+    TASK_RULES[name] = check
 
 
 def opt(
@@ -36,7 +45,8 @@ def opt(
     lt: float | None = None,
     length: int | None = None,
 ) -> Any:
-    """A config field with its checks: a choice, bounds (on the value or on every list item), a list length.
+    """A config *field* with its checks (not the ``--opts`` command-line overrides): a choice, bounds (on the
+    value or on every list item), a list length.
 
     The checks are data on the field, run by :meth:`_Section.__post_init__` for every section, so each
     rule is written once, next to the field it guards.
@@ -142,10 +152,8 @@ class ChannelDeconvConfig(_Section):
 @dataclass
 class ModelConfig(_Section):
     _key = "model"
-    # segmentation: deeplabv3 | deeplabv3plus | fcn; classification: a CIFAR architecture of the paper
-    # (vgg11/13/16/19, resnet18/34/50, preact_resnet18, densenet121, resnext29_32x4d, mobilenetv2, dpn92,
-    # pnasnet_a, pnasnet_b, senet18, efficientnet_b0), its MNIST / Fashion-MNIST network (mlp) or any
-    # torchvision/timm classifier by name (tv:resnet50, timm:densenet121)
+    # The network; which names a task takes is the task's rule (seg/tasks/<task>.py, e.g. deeplabv3 for
+    # segmentation, resnet18 or tv:resnet50 for classification).
     arch: str = "deeplabv3"
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
     output_stride: int = opt(8, choices=(8, 16))
@@ -169,11 +177,10 @@ class ModelConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     _key = "data"
-    # cityscapes (the Cityscapes layout, segmentation); cifar10 | cifar100 (the official python archives
-    # under root) | mnist | fashion_mnist (the four official idx files in root; model.arch mlp) | imagenet
-    # (root/train/<class>/..., root/val/<class>/...) for classification
-    dataset: str = opt("cityscapes", choices=("cityscapes", "cifar10", "cifar100", "mnist", "fashion_mnist",
-                                              "imagenet"))
+    # Which dataset reader; each task names the ones it takes (seg/tasks/<task>.py): cityscapes (the Cityscapes
+    # layout) for segmentation; cifar10 | cifar100 (the official python archives under root) | mnist |
+    # fashion_mnist (the four official idx files in root) | imagenet (root/train/<class>/...) for classification.
+    dataset: str = "cityscapes"
     root: str = "datasets/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
@@ -234,11 +241,12 @@ class TrainConfig(_Section):
     # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | none
     amp: str = opt("auto", choices=("auto", "bf16", "fp16", "none"))
     ignore_index: int = opt(255, ge=0)
-    # ce: cross-entropy (both tasks). Classification also l2, the reference's --loss L2: the squared error of
-    # the logits against one-hot targets, halved, summed over classes and averaged over the batch. Segmentation
-    # also ohem: online hard example mining as mmsegmentation's OHEMPixelSampler (seg/tasks/pixel_loss.py):
-    # pixels whose true-class probability is below max(ohem_thresh, the ohem_min_kept-th smallest) train.
-    loss: str = opt("ce", choices=("ce", "l2", "ohem"))
+    # Each task names the losses it takes (seg/tasks/<task>.py). ce: cross-entropy (both tasks). Classification
+    # also l2, the reference's --loss L2: the squared error of the logits against one-hot targets, halved, summed
+    # over classes and averaged over the batch. Segmentation also ohem: online hard example mining as
+    # mmsegmentation's OHEMPixelSampler (seg/tasks/pixel_loss.py): pixels whose true-class probability is below
+    # max(ohem_thresh, the ohem_min_kept-th smallest) train.
+    loss: str = "ce"
     ohem_thresh: float = opt(0.7, gt=0, le=1)
     ohem_min_kept: int = opt(100000, ge=0)  # per step, over the whole batch (mmsegmentation's Cityscapes value)
     # Segmentation: a weight per class for the pixel loss (model.num_classes values; null: all 1).
@@ -273,7 +281,7 @@ class EvalConfig(_Section):
 
 @dataclass
 class Config(_Section):
-    task: str = opt("segmentation", choices=("segmentation", "classification"))
+    task: str = "segmentation"  # a task of seg/tasks/ (TASK_RULES): segmentation, classification
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -281,31 +289,15 @@ class Config(_Section):
     work_dir: str | None = None  # default: checkpoints/<config file stem>
 
     def check(self) -> None:
-        if self.task == "segmentation":
-            _check_value("model.arch", self.model.arch, {"choices": SEGMENTATION_ARCHS})
-            _check_value("data.dataset", self.data.dataset, {"choices": ("cityscapes",)})
-            if self.data.label_mapping == "reference" and self.model.num_classes != 21:
-                raise ConfigError(f"key 'model.num_classes' has value {self.model.num_classes} with "
-                                  f"data.label_mapping 'reference', expected 21 (void, 19 classes, one unused)")
-            if self.train.loss not in ("ce", "ohem"):
-                raise ConfigError(f"key 'train.loss' has value {self.train.loss!r}; segmentation trains with "
-                                  "a pixel loss, expected 'ce' or 'ohem'")
-            weights = self.train.class_weights
-            if weights is not None and len(weights) != self.model.num_classes:
-                raise ConfigError(f"key 'train.class_weights' has {len(weights)} values, expected one per class "
-                                  f"(model.num_classes {self.model.num_classes})")
-        elif self.data.dataset == "cityscapes":
-            raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
-                              "'classification' expects one of cifar10, cifar100, mnist, fashion_mnist, imagenet")
-        elif self.train.loss == "ohem" or self.train.class_weights is not None:
-            raise ConfigError(f"key 'train.{'loss' if self.train.loss == 'ohem' else 'class_weights'}' is a "
-                              "segmentation setting; task 'classification' expects train.loss ce or l2 and no "
-                              "train.class_weights")
-        elif (self.data.dataset in MNIST_DATASETS) != (self.model.arch == "mlp"):
-            # The reference's CIFAR and ImageNet networks take 3-channel images; its MLP takes 784 values.
-            raise ConfigError(f"key 'model.arch' has value {self.model.arch!r} with data.dataset "
-                              f"{self.data.dataset!r}; the 1 x 28 x 28 MNIST / Fashion-MNIST images go with "
-                              f"model.arch 'mlp' (the paper's MNIST network) and 'mlp' with them only")
+        if self.task not in TASK_RULES:
+            known = ", ".join(TASK_RULES) or "none registered (import seg.tasks, which registers every task)"
+            raise ConfigError(f"key 'task' has value {self.task!r}, expected one of {known}")
+        TASK_RULES[self.task](self)
+
+
+def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    """A task rule: ``value`` of ``key`` is one of ``choices`` (the one-line error of a field's ``choices``)."""
+    _check_value(key, value, {"choices": tuple(choices)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from seg.checkpoint import load_checkpoint
 from seg.config import Config, from_dict
 from seg.data.labels import REFERENCE_NUM_CLASSES, reference_to_train
 from seg.errors import UserError
-from seg.models import model_from_checkpoint
+from seg.models import build_model, model_from_checkpoint
 from seg.nn import fold_deconv
 
 
@@ -44,15 +44,24 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
+def segmentation_model(cfg: Config) -> nn.Module:
+    """The untrained segmentation model of a stored config (the ``build`` a :class:`Predictor` checkpoint needs)."""
+    return build_model(cfg.model, load_pretrained=False)
+
+
+def load_checkpoint_model(
+    path: str | Path, device: str | torch.device = "cpu", *, build: Callable[[Config], nn.Module]
+) -> tuple[nn.Module, Config]:
     """Rebuild the model from the config stored in a training checkpoint and load its weights.
 
-    Returns ``(model in eval mode, Config)``; ``model.pretrained`` is not read again. A missing,
-    unreadable or mismatching file raises :class:`~seg.checkpoint.CheckpointError` naming it.
+    ``build`` makes the untrained model of the stored config: :func:`seg.tasks.untrained_model` for any
+    task, :func:`segmentation_model` for a segmentation one. Returns ``(model in eval mode, Config)``;
+    ``model.pretrained`` is not read again. A missing, unreadable or mismatching file raises
+    :class:`~seg.checkpoint.CheckpointError` naming it.
     """
     state = load_checkpoint(path, map_location="cpu")
     cfg = from_dict(state["config"], source=f"{path} (stored config)")
-    model = model_from_checkpoint(state, source=str(path))  # CheckpointError naming the file on a mismatch
+    model = model_from_checkpoint(state, build, source=str(path))  # CheckpointError naming the file on a mismatch
     return model.to(device).eval(), cfg
 
 
@@ -153,7 +162,7 @@ class Predictor:
         settings from ``eval_cfg`` (an ``EvalConfig``), then from ``kwargs``. The stored training config
         is kept as :attr:`config`."""
         device = pick_device(kwargs.pop("device", None))
-        model, cfg = load_checkpoint_model(path, device)
+        model, cfg = load_checkpoint_model(path, device, build=segmentation_model)
         settings: dict[str, Any] = {"mean": cfg.data.mean, "std": cfg.data.std}
         if eval_cfg is not None:
             settings.update(

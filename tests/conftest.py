@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import seg.tasks  # noqa: E402, F401  (importing it registers every task's config rules, as the tools do)
 from seg.config import DataConfig  # noqa: E402
 
 SYNTHETIC_SIZE = (64, 128)  # H, W: small enough for seconds-long CPU tests, big enough for every class

@@ -11,7 +11,8 @@ import torch
 from seg.checkpoint import CheckpointError, load_checkpoint
 from seg.config import Config, ConfigError, from_dict, load_config
 from seg.engine import DistInfo, NonFiniteLossError, train
-from seg.tasks import DataRootError, SegmentationTask
+from seg.tasks import DataRootError
+from seg.tasks.segmentation import SegmentationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -11,9 +11,12 @@ from torch import nn
 
 from seg.checkpoint import CheckpointError, save_checkpoint
 from seg.config import Config, ConfigError, DataConfig, DeconvConfig, ModelConfig, load_config, to_dict
-from seg.models import Segmenter, build_model, model_from_checkpoint
+from seg.models import Segmenter, model_from_checkpoint
+from seg.models import build_model as build_segmenter
 from seg.models.cifar import CifarResNet, CifarVGG
+from seg.models.classification import build_classification_model as build_model
 from seg.nn import ChannelDeconv, Delinear, FastDeconv, IterNorm
+from seg.tasks import untrained_model
 from seg.tasks.classification import ClassificationTask
 
 
@@ -129,7 +132,7 @@ def test_classifier_pretrained_weights_and_checkpoint_rebuild(tmp_path: Path) ->
     save_checkpoint({"model": trained.state_dict(), "config": to_dict(full)}, tmp_path / "last.pth")
     torch.manual_seed(1)
     loaded = build_model(classifier("vgg11", norm="deconv", block_fc=512, pretrained=str(tmp_path / "last.pth")))
-    rebuilt = model_from_checkpoint(tmp_path / "last.pth")
+    rebuilt = model_from_checkpoint(tmp_path / "last.pth", untrained_model)
     for model in (loaded, rebuilt):
         for k, v in trained.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), k
@@ -156,8 +159,8 @@ def _classification_checkpoint(path: Path, norm: str, block: int = 16) -> dict[s
 
 def _segmenter(pretrained: Path, norm: str = "deconv", block: int = 16) -> Segmenter:
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch="deeplabv3", encoder="resnet18", output_stride=16, norm=norm,
-                                   deconv=DeconvConfig(block=block), pretrained=str(pretrained)))
+    return build_segmenter(ModelConfig(arch="deeplabv3", encoder="resnet18", output_stride=16, norm=norm,
+                                       deconv=DeconvConfig(block=block), pretrained=str(pretrained)))
 
 
 def test_deconv_classification_checkpoint_is_a_segmentation_encoder(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from seg.models import build_model, model_from_checkpoint
 from seg.models.weights import NORM_NAMES
 from seg.nn import ChannelDeconv, IterNorm
 from seg.nn.convert import replace_batchnorm
+from seg.tasks import untrained_model
 
 ARCHS = ("deeplabv3", "deeplabv3plus", "fcn")
 NORMS = ("gn", "iternorm", "channel_deconv", "none")
@@ -151,7 +152,7 @@ def test_checkpoint_rebuilds_the_same_model(norm: str) -> None:
         model(torch.randn(2, 3, 64, 64))  # running statistics away from their start
     model.eval()
     checkpoint = {"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.config)}}
-    rebuilt = model_from_checkpoint(checkpoint).eval()
+    rebuilt = model_from_checkpoint(checkpoint, untrained_model).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x)["out"], model(x)["out"])

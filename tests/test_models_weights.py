@@ -13,6 +13,7 @@ from seg.checkpoint import CheckpointError, save_checkpoint
 from seg.config import Config, DeconvConfig, ModelConfig, to_dict
 from seg.errors import UserError
 from seg.models import build_model, model_from_checkpoint
+from seg.tasks import untrained_model
 
 
 def cfg(**kw) -> ModelConfig:
@@ -124,7 +125,7 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path) -> None:
     ckpt = {"model": model.state_dict(), "config": to_dict(Config(model=model_cfg)), "iteration": 1}
     torch.save(ckpt, tmp_path / "ckpt.pth")
 
-    rebuilt = model_from_checkpoint(tmp_path / "ckpt.pth")  # the recorded pretrained file is not read again
+    rebuilt = model_from_checkpoint(tmp_path / "ckpt.pth", untrained_model)  # the recorded pretrained file: not read
     assert rebuilt.config == model.config
     x = torch.randn(1, 3, 40, 50)
     model.eval()
@@ -133,8 +134,8 @@ def test_model_from_checkpoint_rebuilds_the_model(tmp_path: Path) -> None:
         torch.testing.assert_close(rebuilt(x)["out"], model(x)["out"])
     # An already-loaded checkpoint: errors say where it came from when told.
     with pytest.raises(CheckpointError, match="run/last.pth: not a training checkpoint, key 'config' is missing"):
-        model_from_checkpoint({"model": ckpt["model"]}, source="run/last.pth")
-    rebuilt = model_from_checkpoint(torch.load(tmp_path / "ckpt.pth", weights_only=True))
+        model_from_checkpoint({"model": ckpt["model"]}, untrained_model, source="run/last.pth")
+    rebuilt = model_from_checkpoint(torch.load(tmp_path / "ckpt.pth", weights_only=True), untrained_model)
     assert rebuilt.config == model.config
 
 
@@ -147,30 +148,30 @@ def _checkpoint(model_cfg: ModelConfig, seed: int = 0) -> dict:
 def test_wrong_checkpoints_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.pth"
     with pytest.raises(CheckpointError, match=f"checkpoint not found: {path}"):
-        model_from_checkpoint(path)
+        model_from_checkpoint(path, untrained_model)
 
     bare = tmp_path / "state_dict.pth"
     torch.save(build().state_dict(), bare)
     with pytest.raises(CheckpointError, match=f"{bare}: not a training checkpoint"):
-        model_from_checkpoint(str(bare))
+        model_from_checkpoint(str(bare), untrained_model)
 
     # Weights of one model recorded with the config of another (here: BatchNorm vs deconvolution).
     ckpt = _checkpoint(cfg(norm="bn"))
     ckpt["config"] = to_dict(Config(model=cfg(norm="deconv")))
     mismatched = save_checkpoint(ckpt, tmp_path / "mismatched.pth")
     with pytest.raises(CheckpointError, match=rf"{mismatched} does not match the model:(.|\n)*holds BatchNorm"):
-        model_from_checkpoint(mismatched)
+        model_from_checkpoint(mismatched, untrained_model)
 
     ckpt = _checkpoint(cfg())
     ckpt["config"]["model"]["no_such_key"] = 1  # e.g. written by another version
     stale = save_checkpoint(ckpt, tmp_path / "stale.pth")
     with pytest.raises(CheckpointError, match=rf"{stale} \(stored config\): unknown key 'model.no_such_key'"):
-        model_from_checkpoint(stale)
+        model_from_checkpoint(stale, untrained_model)
 
     ckpt = _checkpoint(cfg())
     ckpt["model"] = [1, 2]
     with pytest.raises(CheckpointError, match="checkpoint: key 'model' holds a list, expected a mapping"):
-        model_from_checkpoint(ckpt)
+        model_from_checkpoint(ckpt, untrained_model)
     assert issubclass(CheckpointError, UserError)  # tools print them as "error: <message>"
 
 
@@ -178,5 +179,5 @@ def test_ddp_prefixed_checkpoint_loads(tmp_path: Path) -> None:
     ckpt = _checkpoint(cfg(aux_loss=True), seed=4)
     expected = ckpt["model"]
     ckpt["model"] = {"module." + k: v for k, v in expected.items()}
-    rebuilt = model_from_checkpoint(save_checkpoint(ckpt, tmp_path / "ddp.pth"))
+    rebuilt = model_from_checkpoint(save_checkpoint(ckpt, tmp_path / "ddp.pth"), untrained_model)
     assert_same_state(rebuilt.state_dict(), expected)

@@ -187,10 +187,10 @@ def test_infer_video_keeps_frames_size_and_fps(config_file, checkpoint, syntheti
 
 def _eager_logits(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
     """The checkpoint's model as trained (deconvolution not folded), in eval mode."""
-    from seg.inference import load_checkpoint_model
+    from seg.inference import load_checkpoint_model, segmentation_model
 
     with torch.no_grad():
-        return load_checkpoint_model(checkpoint)[0](x)["out"]
+        return load_checkpoint_model(checkpoint, build=segmentation_model)[0](x)["out"]
 
 
 def test_export_torchscript_matches_eager(config_file, checkpoint, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""Evaluate a checkpoint: segmentation (a Cityscapes split: mIoU, per-class IoU, pixel and mean accuracy) or
-classification (CIFAR test images or an image-folder split: top-1 and top-5 accuracy).
+"""Evaluate a checkpoint of any task on a split of CONFIG's data, with the task's metric: segmentation (a
+Cityscapes split: mIoU, per-class IoU, pixel and mean accuracy, the official evaluator, test-server PNGs),
+classification (CIFAR / MNIST test images or an image-folder split: top-1 and top-5 accuracy), ...
 
     python tools/eval.py CONFIG CHECKPOINT [--split val] [--mode whole|slide] [--crop H W] [--stride H W]
                          [--scales 0.75 1.0 1.25] [--flip] [--official] [--format-only --out DIR]
@@ -7,7 +8,8 @@ classification (CIFAR test images or an image-folder split: top-1 and top-5 accu
     torchrun --nproc_per_node=N tools/eval.py CONFIG CHECKPOINT ...
 
 CONFIG supplies the data root and evaluation settings; the model is rebuilt from the config stored in
-the checkpoint, whose task (segmentation or classification) decides what is measured. Segmentation runs at
+the checkpoint, whose task decides what is measured (seg/tasks/: its eval dataset, metric and summary;
+the Cityscapes options below are segmentation's). Segmentation runs at
 full resolution by default; each image is counted once under torchrun. Results go to metrics.json.
 With a configs/paper/*.yaml CONFIG (its labels and its short side 520), a checkpoint with the paper's 21
 outputs, or --reference-compat, the paper's code's scores (21 classes, void counted, the mean of all 21)
@@ -34,12 +36,12 @@ from seg.data.labels import CLASS_NAMES, NUM_CLASSES, REFERENCE_CLASS_NAMES, ref
 from seg.engine.distributed import DistInfo, barrier, finish, init_distributed
 from seg.errors import UserError, error_message
 from seg.evaluation import build_eval_loader, evaluate, format_table
-from seg.evaluation.classification import evaluate_classification
 from seg.evaluation.evaluator import outputs_reference_ids
 from seg.evaluation.official import format_official, prediction_path, run_official_eval, save_label_ids
 from seg.inference import Predictor, load_checkpoint_model, pick_device
 from seg.nn import fold_deconv
-from seg.tasks.classification import build_classification_eval_dataset
+from seg.tasks import build_task, untrained_model
+from seg.tasks.segmentation import SegmentationTask
 
 EXIT_ERROR = 2
 
@@ -92,9 +94,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
             f"resolution: use a benchmark config, e.g. tools/eval.py configs/deeplab_deconv.yaml CHECKPOINT --official"
         )
 
-    model, trained = load_checkpoint_model(args.checkpoint, info.device)
-    if trained.task == "classification":
-        return run_classification(args, info, cfg, trained, model, split)
+    model, trained = load_checkpoint_model(args.checkpoint, info.device, build=untrained_model)
+    if trained.task != SegmentationTask.name:  # the Cityscapes evaluation below is segmentation's own
+        return run_task(args, info, cfg, trained, model, split)
     predictor = Predictor(
         model, mean=trained.data.mean, std=trained.data.std, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
         stride=eval_cfg.stride, scales=eval_cfg.scales, flip=eval_cfg.flip, batch_size=eval_cfg.batch_size,
@@ -191,19 +193,20 @@ def run(args: argparse.Namespace, info: DistInfo) -> int:
 SEGMENTATION_ONLY = ("mode", "crop", "stride", "scales", "flip", "official", "format_only", "reference_compat")
 
 
-def run_classification(
+def run_task(
     args: argparse.Namespace, info: DistInfo, cfg: Config, trained: Config, model, split: str
 ) -> int:
-    """Top-1/top-5 accuracy of a classification checkpoint on ``split`` of CONFIG's data (each image once)."""
+    """The task's metric of a (non-segmentation) checkpoint on ``split`` of CONFIG's data (each sample once)."""
+    task_name = trained.task
     given = [f"--{k.replace('_', '-')}" for k in SEGMENTATION_ONLY if getattr(args, k) not in (None, False)]
     if given:
-        raise ConfigError(f"{' '.join(given)}: segmentation options; {args.checkpoint} is a classification model")
-    if cfg.task != "classification":
-        raise ConfigError(f"{args.config} is a {cfg.task} config; {args.checkpoint} is a classification model "
+        raise ConfigError(f"{' '.join(given)}: segmentation options; {args.checkpoint} is a {task_name} model")
+    if cfg.task != task_name:
+        raise ConfigError(f"{args.config} is a {cfg.task} config; {args.checkpoint} is a {task_name} model "
                           f"(use its training config, e.g. its run folder's config.yaml)")
     # The data (dataset, root, split) come from CONFIG, the model and its classes from the checkpoint.
-    data = dataclasses.replace(cfg, model=trained.model)
-    dataset = build_classification_eval_dataset(data, split)
+    task = build_task(dataclasses.replace(cfg, model=trained.model))
+    dataset = task.build_eval_dataset(split)
     workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
     loader = build_eval_loader(dataset, batch_size=args.batch_size or cfg.eval.batch_size, num_workers=workers)
     if not args.no_fold:
@@ -214,11 +217,11 @@ def run_classification(
         print(f"evaluating {args.checkpoint} on {cfg.data.dataset} at {cfg.data.root} [{split}]: {len(dataset)} "
               f"images, {info.world_size} process(es) on {info.device}")
     start = time.perf_counter()
-    metrics = evaluate_classification(model, loader, info.device, progress=True)
+    metrics = task.evaluate(model, loader, info.device, None, progress=True)
     elapsed = time.perf_counter() - start
     if not info.is_main:
         return 0
-    print(f"top-1 {100 * metrics['top1']:.2f}  top-5 {100 * metrics['top5']:.2f}  ({metrics['num_images']} images)")
+    print(task.summary(metrics))
     report = {"checkpoint": str(args.checkpoint), "split": split, "dataset": cfg.data.dataset,
               "seconds": round(elapsed, 2), "metrics": metrics}
     path = out_dir / "metrics.json"

@@ -31,6 +31,7 @@ from seg.export import (
     run_torchscript,
 )
 from seg.inference import load_checkpoint_model
+from seg.tasks import untrained_model
 
 EXIT_MISMATCH = 1
 EXIT_ERROR = 2
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         load_config(args.config)
-        model, _ = load_checkpoint_model(args.checkpoint, "cpu")
+        model, _ = load_checkpoint_model(args.checkpoint, "cpu", build=untrained_model)
         wrapped = prepare(model)
         h, w = args.size
         suffix = ".ts.pt" if args.format == "torchscript" else ".onnx"

@@ -21,6 +21,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import seg.tasks  # noqa: F401  (importing it registers every task's config rules)
 from seg.config import ConfigError, load_config
 from seg.errors import UserError, error_message
 from seg.inference import Predictor

@@ -1,6 +1,6 @@
-"""``build_model``: the model of the ``model:`` config section (a DeepLabV3 / DeepLabV3+ / FCN ``Segmenter``, or a
-classifier from :mod:`seg.models.classification`), and ``model_from_checkpoint``: the same model rebuilt from a
-training checkpoint.
+"""``build_model``: the segmentation model of the ``model:`` config section (a DeepLabV3 / DeepLabV3+ / FCN
+``Segmenter``; classifiers are :mod:`seg.models.classification`'s), and ``model_from_checkpoint``: any task's
+model rebuilt from a training checkpoint.
 
 Order matters: smp builds the encoder (its dilation patch rewrites ``nn.Conv2d`` at construction),
 ``contract_dilation`` gives a dilated ResNet torchvision's geometry, the heads are initialised, then
@@ -34,8 +34,7 @@ import timm
 import torch.nn as nn
 
 from seg.checkpoint import CheckpointError, load_checkpoint
-from seg.config import SEGMENTATION_ARCHS, ConfigError, ModelConfig, from_dict
-from seg.models.classification import build_classifier, load_classifier_weights
+from seg.config import Config, ConfigError, ModelConfig, check_choice, from_dict
 from seg.models.dilation import contract_dilation
 from seg.models.heads import DecoderHead, FCNHead
 from seg.models.norms import NORM_APPLIERS, sync_statistics
@@ -116,7 +115,7 @@ def init_head(head: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
-    """Build the model described by ``cfg`` (the ``model:`` config section).
+    """Build the segmentation model described by ``cfg`` (the ``model:`` config section).
 
     Args:
         cfg: architecture, encoder, output stride, norm (one of :data:`seg.models.norms.NORM_APPLIERS`, with
@@ -125,17 +124,15 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
 
     Returns:
         A :class:`Segmenter` whose ``forward(x)`` gives ``{'out': logits, 'aux': logits}`` (``aux`` only
-        with ``cfg.aux_loss``) at the input resolution, and whose ``config`` is a copy of ``cfg``. When
-        ``cfg.arch`` is not a segmentation architecture, the classifier of
-        :func:`seg.models.classification.build_classifier` (logits N x classes; ``config`` too).
+        with ``cfg.aux_loss``) at the input resolution, and whose ``config`` is a copy of ``cfg``.
+
+    Raises:
+        ConfigError: ``cfg.arch`` is not one of :data:`ARCHS` (the segmentation task's rule), or the encoder
+            does not fit.
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
-    if cfg.arch not in SEGMENTATION_ARCHS:
-        model = build_classifier(cfg, sync_statistics(cfg))
-        if load_pretrained and cfg.pretrained:
-            load_classifier_weights(model, cfg.pretrained)
-        return model
+    check_choice("model.arch", cfg.arch, ARCHS)
     _check_encoder(cfg.encoder)
     encoder, head = ARCHS[cfg.arch](cfg)
     # Before the norm is applied, so that BatchNorm and FastDeconv models get the same geometry.
@@ -160,16 +157,22 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
 
 
 def model_from_checkpoint(
-    checkpoint: Mapping[str, Any] | str | Path, *, source: str | None = None
+    checkpoint: Mapping[str, Any] | str | Path,
+    build: Callable[[Config], nn.Module],
+    *,
+    source: str | None = None,
 ) -> nn.Module:
     """Rebuild the model recorded in a training checkpoint and load its weights.
 
     ``model.pretrained`` is not read again (the checkpoint already holds the trained weights); whether
-    statistics are synced is decided anew by :func:`build_model` for the current launch.
+    statistics are synced is decided anew by the builder for the current launch.
 
     Args:
         checkpoint: a checkpoint file (read with :func:`seg.checkpoint.load_checkpoint`) or its
             already-loaded contents, a mapping with ``model`` (a state_dict) and ``config``.
+        build: the stored config -> the untrained model, without ``model.pretrained``; the stored task's
+            builder, :func:`seg.tasks.untrained_model` (or ``build_model(cfg.model, load_pretrained=False)`` for
+            a segmentation model).
         source: how errors name an already-loaded checkpoint, e.g. the file it came from.
 
     Returns:
@@ -197,7 +200,7 @@ def model_from_checkpoint(
         cfg = from_dict(dict(checkpoint["config"]), f"{source} (stored config)")
     except ConfigError as e:  # e.g. a checkpoint of an older version with keys that no longer exist
         raise CheckpointError(str(e)) from e
-    model = build_model(cfg.model, load_pretrained=False)
+    model = build(cfg)
     state = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
     check_keys(model, state, source)
     model.load_state_dict(state)

@@ -37,7 +37,7 @@ from seg.checkpoint import read_weights
 from seg.config import ConfigError, DeconvConfig, ModelConfig
 from seg.models.cifar import CIFAR_ARCHS, build_cifar_model
 from seg.models.mlp import MLP, MLP_NORMS
-from seg.models.norms import NORM_APPLIERS
+from seg.models.norms import NORM_APPLIERS, sync_statistics
 from seg.models.weights import check_keys
 from seg.nn import Delinear
 
@@ -180,3 +180,12 @@ def load_classifier_weights(model: nn.Module, path: str | Path) -> None:
     state = read_weights(path, "model.pretrained weights file")
     check_keys(model, state, f"model.pretrained: classifier weights {path}")
     model.load_state_dict(state)
+
+
+def build_classification_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
+    """The classifier of ``cfg`` (:func:`build_classifier`, statistics synced under a process group), with the
+    local ``model.pretrained`` weights when set and ``load_pretrained`` (off when a checkpoint supplies them)."""
+    model = build_classifier(cfg, sync_statistics(cfg))
+    if load_pretrained and cfg.pretrained:
+        load_classifier_weights(model, cfg.pretrained)
+    return model

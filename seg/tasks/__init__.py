@@ -1,11 +1,19 @@
-"""Training tasks: each says how to build data, model, loss and metrics for the one training loop."""
+"""Training tasks: each says how to build data, model, loss and metrics for the one training loop.
+
+Every module of this package is imported here, so a task registers itself (:func:`register_task` on its class)
+by living in ``seg/tasks/``; importing ``seg.tasks`` makes every task's config rules known to ``seg.config``.
+"""
+
+import importlib
+import pkgutil
+
+from torch import nn
 
 from seg.config import Config
-from seg.tasks.base import DataRootError, Task
-from seg.tasks.classification import ClassificationTask
-from seg.tasks.segmentation import SegmentationTask
+from seg.tasks.base import TASKS, DataRootError, Task, register_task
 
-TASKS: dict[str, type[Task]] = {"segmentation": SegmentationTask, "classification": ClassificationTask}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_task(cfg: Config) -> Task:
@@ -13,4 +21,10 @@ def build_task(cfg: Config) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["TASKS", "ClassificationTask", "DataRootError", "SegmentationTask", "Task", "build_task"]
+def untrained_model(cfg: Config) -> nn.Module:
+    """The model ``cfg`` describes, without ``model.pretrained``: what a checkpoint's weights are loaded into
+    (the ``build`` of :func:`seg.models.model_from_checkpoint`)."""
+    return build_task(cfg).build_model(load_pretrained=False)
+
+
+__all__ = ["TASKS", "DataRootError", "Task", "build_task", "register_task", "untrained_model"]

@@ -1,19 +1,21 @@
 """The task seam: what differs between segmentation and classification, behind one small interface.
 
 The training loop (:mod:`seg.engine.trainer`) knows only :class:`Task`: it asks the task for datasets, a
-model, the loss of a batch and validation metrics, and never looks at what the targets are.
+model, the loss of a batch and validation metrics, and never looks at what the targets are. A task also owns
+its config rules (:meth:`Task.check_config`) and its checkpoint evaluation (:meth:`Task.build_eval_dataset`,
+:meth:`Task.summary`, used by ``tools/eval.py``); :func:`register_task` makes ``task: <name>`` valid.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from seg.config import Config
+from seg.config import Config, register_task_rules
 from seg.errors import UserError
 from seg.events import Event
 
@@ -25,6 +27,7 @@ class DataRootError(UserError):
 class Task(ABC):
     """One kind of training problem. ``metric`` names the validation value that picks ``best.pth``."""
 
+    name: str  # the config's ``task:`` value
     metric: str  # key in the validation metrics
     metric_label: str  # how logs name it
     # What a study shows next to ``metric`` (seg/study): a second validation value and its label, and further
@@ -36,13 +39,25 @@ class Task(ABC):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
+    @classmethod
+    @abstractmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The task's rules on a config (e.g. which ``model.arch``, ``data.dataset`` and ``train.loss`` it
+        takes); run by :class:`seg.config.Config` on every config of this task. Raises a one-line
+        :class:`~seg.config.ConfigError` naming the key, its value and what was expected."""
+
     @abstractmethod
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         """(train, val) datasets of ``(input, target)`` samples; raises :class:`DataRootError`."""
 
     @abstractmethod
-    def build_model(self) -> nn.Module:
-        """The model of ``cfg.model`` (synced statistics and SyncBatchNorm under a process group)."""
+    def build_model(self, *, load_pretrained: bool = True) -> nn.Module:
+        """The model of ``cfg.model`` (synced statistics and SyncBatchNorm under a process group);
+        ``load_pretrained=False`` skips ``model.pretrained`` (the weights come from a checkpoint)."""
+
+    @abstractmethod
+    def build_eval_dataset(self, split: str) -> Dataset:
+        """The ``split`` of ``cfg.data`` as validation sees it (no augmentation), for ``tools/eval.py``."""
 
     @abstractmethod
     def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -50,13 +65,19 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(
-        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
+        *, progress: bool = False,
     ) -> dict[str, Any]:
-        """Validation metrics over ``loader`` (every sample counted once across processes); holds ``metric``."""
+        """Validation metrics over ``loader`` (every sample counted once across processes); holds ``metric``.
+        ``progress``: a progress bar on the main process (``tools/eval.py``)."""
 
     @abstractmethod
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
         """What the writers record of a validation (rank 0 only)."""
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        """What ``tools/eval.py`` prints of :meth:`evaluate`'s metrics (default: the task's metric)."""
+        return f"{self.metric_label} {100 * metrics[self.metric]:.2f}"
 
     def limit_val(self, val_set: Dataset) -> Dataset:
         """The first ``train.val_max_images`` samples of ``val_set`` (all when unset): what the loop validates on."""
@@ -67,3 +88,14 @@ class Task(ABC):
         """A loader batch as (inputs, targets) on ``device``."""
         inputs, targets = batch
         return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True).long()
+
+
+TASKS: dict[str, type[Task]] = {}
+T = TypeVar("T", bound=type[Task])
+
+
+def register_task(cls: T) -> T:
+    """Class decorator: ``task: <cls.name>`` builds ``cls``, and ``cls.check_config`` checks its configs."""
+    TASKS[cls.name] = cls
+    register_task_rules(cls.name, cls.check_config)
+    return cls

@@ -10,13 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from seg.config import MNIST_DATASETS, Config, ConfigError
+from seg.config import Config, ConfigError, check_choice
 from seg.data import CifarDataset, DatasetError, ImageFolderDataset, build_classification_transforms
 from seg.data.mnist import MnistDataset
 from seg.evaluation.classification import evaluate_classification
 from seg.events import Event
-from seg.models import build_model
-from seg.tasks.base import DataRootError, Task
+from seg.models.classification import build_classification_model
+from seg.tasks.base import DataRootError, Task, register_task
+
+MNIST_DATASETS = ("mnist", "fashion_mnist")  # 1 x 28 x 28 images: model.arch mlp
+DATASETS = ("cifar10", "cifar100", *MNIST_DATASETS, "imagenet")  # data.dataset
+LOSSES = ("ce", "l2")  # train.loss
 
 CIFAR_HINT = (
     "Set data.root (e.g. --opts data.root=/path/to/cifar) to a folder holding the extracted python version "
@@ -108,18 +112,44 @@ def l2_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 0.5 * (outputs.float() - one_hot).square().sum(1).mean()
 
 
+@register_task
 class ClassificationTask(Task):
+    name = "classification"
     metric = "top1"
     metric_label = "top-1"
     secondary_metric, secondary_label = "top5", "top-5"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        data, train = cfg.data, cfg.train
+        if data.dataset == "cityscapes":
+            raise ConfigError("key 'data.dataset' has value 'cityscapes', a segmentation dataset; task "
+                              f"'classification' expects one of {', '.join(DATASETS)}")
+        check_choice("data.dataset", data.dataset, DATASETS)
+        if train.loss == "ohem" or train.class_weights is not None:
+            raise ConfigError(f"key 'train.{'loss' if train.loss == 'ohem' else 'class_weights'}' is a "
+                              "segmentation setting; task 'classification' expects train.loss ce or l2 and no "
+                              "train.class_weights")
+        check_choice("train.loss", train.loss, LOSSES)
+        if (data.dataset in MNIST_DATASETS) != (cfg.model.arch == "mlp"):
+            # The reference's CIFAR and ImageNet networks take 3-channel images; its MLP takes 784 values.
+            raise ConfigError(f"key 'model.arch' has value {cfg.model.arch!r} with data.dataset "
+                              f"{data.dataset!r}; the 1 x 28 x 28 MNIST / Fashion-MNIST images go with "
+                              f"model.arch 'mlp' (the paper's MNIST network) and 'mlp' with them only")
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         train_set, val_set = build_classification_datasets(self.cfg)
         self.val_set = self.limit_val(val_set)
         return train_set, self.val_set
 
-    def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model)
+    def build_model(self, *, load_pretrained: bool = True) -> nn.Module:
+        return build_classification_model(self.cfg.model, load_pretrained=load_pretrained)
+
+    def build_eval_dataset(self, split: str) -> Dataset:
+        return build_classification_eval_dataset(self.cfg, split)
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        return f"top-1 {100 * metrics['top1']:.2f}  top-5 {100 * metrics['top5']:.2f}  ({metrics['num_images']} images)"
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.cfg.train.loss == "l2":
@@ -127,9 +157,10 @@ class ClassificationTask(Task):
         return F.cross_entropy(outputs.float(), targets)
 
     def evaluate(
-        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
+        *, progress: bool = False,
     ) -> dict[str, Any]:
-        return evaluate_classification(model, loader, device, amp_dtype)
+        return evaluate_classification(model, loader, device, amp_dtype, progress=progress)
 
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
         top1, top5 = metrics["top1"], metrics["top5"]

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from seg.config import Config, ConfigError, check_choice
 from seg.data import CityscapesDataset, DatasetError, build_transforms
 from seg.data.labels import CLASS_NAMES, reference_to_train
 from seg.evaluation import evaluate
 from seg.events import Event
 from seg.inference import Predictor
 from seg.models import build_model
-from seg.tasks.base import DataRootError, Task
+from seg.models.build import ARCHS
+from seg.tasks.base import DataRootError, Task, register_task
 from seg.tasks.pixel_loss import pixel_loss
 from seg.visualize import colorize
 
@@ -31,11 +33,32 @@ def denormalize(image: torch.Tensor, mean: list[float], std: list[float]) -> np.
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
+DATASETS = ("cityscapes",)  # data.dataset: the Cityscapes layout (real, or the synthetic stand-in)
+LOSSES = ("ce", "ohem")  # train.loss: seg/tasks/pixel_loss.py
+
+
+@register_task
 class SegmentationTask(Task):
+    name = "segmentation"
     metric = "miou"
     metric_label = "mIoU"
     secondary_metric, secondary_label, extra_metrics = "acc", "pixel acc", ("macc",)
     _class_weights: torch.Tensor | None = None  # train.class_weights on the device, made at the first step
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        check_choice("model.arch", cfg.model.arch, ARCHS)
+        check_choice("data.dataset", cfg.data.dataset, DATASETS)
+        if cfg.data.label_mapping == "reference" and cfg.model.num_classes != 21:
+            raise ConfigError(f"key 'model.num_classes' has value {cfg.model.num_classes} with "
+                              f"data.label_mapping 'reference', expected 21 (void, 19 classes, one unused)")
+        if cfg.train.loss not in LOSSES:
+            raise ConfigError(f"key 'train.loss' has value {cfg.train.loss!r}; segmentation trains with "
+                              "a pixel loss, expected 'ce' or 'ohem'")
+        weights = cfg.train.class_weights
+        if weights is not None and len(weights) != cfg.model.num_classes:
+            raise ConfigError(f"key 'train.class_weights' has {len(weights)} values, expected one per class "
+                              f"(model.num_classes {cfg.model.num_classes})")
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         data = self.cfg.data
@@ -48,8 +71,18 @@ class SegmentationTask(Task):
         self.val_set = self.limit_val(val_set)
         return train_set, self.val_set
 
-    def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model)
+    def build_model(self, *, load_pretrained: bool = True) -> nn.Module:
+        return build_model(self.cfg.model, load_pretrained=load_pretrained)
+
+    def build_eval_dataset(self, split: str) -> Dataset:
+        data = self.cfg.data
+        try:
+            return CityscapesDataset(data.root, split, build_transforms(data, train=False), data.label_mapping)
+        except DatasetError as e:
+            raise DataRootError(f"{e}\n\n{DEMO_HINT}") from e
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        return f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['acc']:.2f}"
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         t = self.cfg.train
@@ -76,14 +109,15 @@ class SegmentationTask(Task):
         )
 
     def evaluate(
-        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
+        *, progress: bool = False,
     ) -> dict[str, Any]:
         predictor = self._predictor(model, device, amp_dtype)
         return evaluate(
             model, loader, device, num_classes=self.cfg.model.num_classes,
             ignore_index=self.cfg.train.ignore_index, predictor=predictor,
             reference_compat=self.cfg.eval.reference_compat,
-            reference_targets=self.cfg.data.label_mapping == "reference",
+            reference_targets=self.cfg.data.label_mapping == "reference", progress=progress,
         )
 
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
