@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes and the one way to read them (``weights_only=True``, one error type).
+"""Checkpoint *files* (what a run saves is :mod:`seg.engine.checkpointer`'s): atomic writes and the one way to
+read them (``weights_only=True``, one error type).
 
 A training checkpoint is a dict ``{'model', 'config', 'iteration', 'optimizer', 'scheduler', 'scaler',
 'rng', 'best_metric', ...}`` of tensors and plain data. Weight files from elsewhere (a bare state_dict, a

@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from seg.config import DeconvConfig, ModelConfig, load_config
 from seg.models.cifar import CIFAR_ARCHS, build_cifar_model
-from seg.models.classification import build_classification_model as build_model
+from seg.models.classifiers import build_classification_model as build_model
 from seg.nn import ChannelDeconv, Delinear, FastDeconv, IterNorm
 
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")

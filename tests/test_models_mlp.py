@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from seg.config import ConfigError, ModelConfig, load_config
-from seg.models.classification import build_classification_model as build_model
+from seg.models.classifiers import build_classification_model as build_model
 from seg.nn import ChannelDeconv
 
 # The reference's layer sequence per --method (models/simple.py, MLP.__init__ with input_nodes=784,

@@ -19,7 +19,7 @@ from seg.config import Config, ConfigError, load_config
 from seg.data import generate_cifar10_standin
 from seg.engine import DistInfo, train
 from seg.evaluation import ShardedEvalSampler, build_eval_loader
-from seg.evaluation.classification import TopKAccuracy, evaluate_classification, topk_correct
+from seg.evaluation.topk import TopKAccuracy, evaluate_classification, topk_correct
 from seg.models.cifar import CIFAR_ARCHS
 from seg.tasks import TASKS, DataRootError, build_task
 from tools import eval as eval_tool

@@ -1,4 +1,5 @@
-"""The run's checkpointer: saves and restores everything an exact resume needs, and tracks the best model.
+"""The run's saving *policy* (the file format is :mod:`seg.checkpoint`'s): what to save and restore for an exact
+resume, when, and which checkpoint is the best.
 
 A checkpoint holds the model, optimizer, scheduler and grad-scaler states, every rank's RNG streams, the
 config it was trained with, the iteration and the best validation metric so far, as tensors and plain data

@@ -1,5 +1,5 @@
 """``build_model``: the segmentation model of the ``model:`` config section (a DeepLabV3 / DeepLabV3+ / FCN
-``Segmenter``; classifiers are :mod:`seg.models.classification`'s), and ``model_from_checkpoint``: any task's
+``Segmenter``; classifiers are :mod:`seg.models.classifiers`'s), and ``model_from_checkpoint``: any task's
 model rebuilt from a training checkpoint.
 
 Order matters: smp builds the encoder (its dilation patch rewrites ``nn.Conv2d`` at construction),

@@ -2,7 +2,7 @@
 
 :data:`NORM_APPLIERS` maps each ``model.norm`` to the function that turns such a model into that norm's model;
 :func:`sync_statistics` is the one place that decides whether normalisation statistics span all processes.
-Both the segmentation builder (:mod:`seg.models.build`) and the classifiers (:mod:`seg.models.classification`)
+Both the segmentation builder (:mod:`seg.models.build`) and the classifiers (:mod:`seg.models.classifiers`)
 use them; the choices are described in :mod:`seg.models.build`.
 """
 

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from seg.config import Config, ConfigError, check_choice
 from seg.data import CifarDataset, DatasetError, ImageFolderDataset, build_classification_transforms
 from seg.data.mnist import MnistDataset
-from seg.evaluation.classification import evaluate_classification
+from seg.evaluation.topk import evaluate_classification
 from seg.events import Event
-from seg.models.classification import build_classification_model
+from seg.models.classifiers import build_classification_model
 from seg.tasks.base import DataRootError, Task, register_task
 
 MNIST_DATASETS = ("mnist", "fashion_mnist")  # 1 x 28 x 28 images: model.arch mlp

@@ -1,4 +1,5 @@
-"""Image classifiers from the ``model:`` config section: the paper's CIFAR networks, torchvision or timm models.
+"""The classification task's model builders (not the task: :mod:`seg.tasks.classification`), from the
+``model:`` config section: the paper's CIFAR networks, torchvision or timm models.
 
 ``model.arch`` chooses the family (every classifier's ``forward(x)`` returns logits N x ``num_classes``):
 

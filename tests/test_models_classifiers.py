@@ -14,7 +14,7 @@ from seg.config import Config, ConfigError, DataConfig, DeconvConfig, ModelConfi
 from seg.models import Segmenter, model_from_checkpoint
 from seg.models import build_model as build_segmenter
 from seg.models.cifar import CifarResNet, CifarVGG
-from seg.models.classification import build_classification_model as build_model
+from seg.models.classifiers import build_classification_model as build_model
 from seg.nn import ChannelDeconv, Delinear, FastDeconv, IterNorm
 from seg.tasks import untrained_model
 from seg.tasks.classification import ClassificationTask

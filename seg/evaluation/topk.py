@@ -1,4 +1,4 @@
-"""Top-k accuracy of a classifier over a data loader, in one process or many.
+"""Top-k accuracy of a classifier over a data loader, in one process or many (the classification task's metric).
 
 The counts (images, correct at each k) are summed over processes with one ``all_reduce``, so each image of
 the split counts once whether one process scores it all or ``torchrun`` shards it
