@@ -10,7 +10,7 @@
 #   (t) tools/train.py on a synthetic Cityscapes, bf16, 160 iterations (past the stem's freeze point, 101):
 #       loss falling, no NaN; then tools/eval.py on its last.pth, whose mIoU must equal the run's validation;
 #   (s) train and eval step time and memory, BN vs deconvolution, DeepLabV3-ResNet-50 OS 8, at the paper's
-#       8x480x480 and the config's 8x512x1024 (benchmarks/train_step.py --sweep, bf16 autocast);
+#       8x480x480 and the config's 8x512x1024 (benchmarks/train_sweep.py, bf16 autocast);
 #   (f) inference frames/s at 1024x2048, OS 16 and 8, BN vs folded deconvolution (benchmarks/inference_fps.py).
 # Writes ONE markdown report and ONE JSON report beside it (default benchmarks/results/gpu_check.{md,json}); the
 # sweep's .md/.json/.png, the parity and training results (.json) and every step's full log go next to them. A
@@ -91,7 +91,7 @@ step_command() {
     p) CMD=("$PYTHON" benchmarks/gpu_check.py parity --device cuda --out "$PARITY_JSON") ;;
     t) CMD=("$PYTHON" benchmarks/gpu_check.py train --device cuda --iterations "$TRAIN_ITERATIONS"
             --out-dir "$WORK/train") ;;
-    s) CMD=("$PYTHON" benchmarks/train_step.py --sweep --device cuda --sizes 8x480x480 8x512x1024
+    s) CMD=("$PYTHON" benchmarks/train_sweep.py --device cuda --sizes 8x480x480 8x512x1024
             --archs deeplabv3 --output-strides 8 --encoder resnet50 --norm bn deconv
             --warmup 2 --repeats 4 --out-dir "$OUT_DIR" --name "$SWEEP_NAME") ;;
     f) CMD=("$PYTHON" benchmarks/inference_fps.py --device cuda --arch deeplabv3 --os 16 8 --encoder resnet50

@@ -1,4 +1,4 @@
-"""What ``train_step.py --sweep`` writes: one record per (model, output stride, workload), and from them a
+"""What ``train_sweep.py`` writes: one record per (model, output stride, workload), and from them a
 markdown table, a JSON file and a PNG plot of the ratio to BN against pixels per step.
 
 A record (a plain dict, as stored in the JSON file)::

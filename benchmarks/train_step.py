@@ -4,9 +4,7 @@
                                     [--size 128 256] [--threads 2] [--encoder resnet50] [--repeats 3]
                                     [--norm bn deconv gn iternorm channel_deconv none]
                                     [--variant stats_every=4 matrix_grad=false ...] [--breakdown]
-    python benchmarks/train_step.py --sweep [--sizes 2x256x512 4x480x480 8x480x480 ...] [--archs deeplabv3 fcn]
-                                    [--output-strides 8 16] [--norm bn deconv gn iternorm] [--max-pixels N]
-                                    [--max-memory-gib GIB] [--out-dir benchmarks/results] [--name NAME]
+    python benchmarks/train_step.py --sweep ...     # the same as benchmarks/train_sweep.py ...
 
 For every (architecture, output stride) it builds the BN and the deconvolution model from the same seed and
 prints the median time of
@@ -35,14 +33,8 @@ steps of each model and splits deconvolution's extra time into the fold ``W·D``
 covariance, and the inverse square root (forward and backward each), less the BN layers' own time, and the rest
 (running statistics, bias, per-layer overhead).
 
-``--sweep`` times the same models at several workloads (``--sizes``, batch×H×W; ``--batch`` and ``--size`` are
-not used) and writes ``<out-dir>/<name>.md`` (tables: the ratio to BN by workload, and every measurement with
-its spread over the repetitions; date, machine, torch version), ``.json`` (every repetition) and ``.png`` (ratio
-to BN against pixels per step, log x axis, one line per model, output stride and norm), rewritten after each
-workload. A workload that does not fit (out of memory, more than ``--max-pixels``, or on CPU a peak RSS
-extrapolated from the last workload above ``--max-memory-gib``) is recorded as "did not fit", as are the larger
-workloads of the same model after it; the sweep goes on with the next model. ``--check-args`` validates the
-arguments and prints what they resolve to without touching a device.
+``--sweep``: cost against workload size, :mod:`train_sweep` (``benchmarks/train_sweep.py``), which reuses
+:func:`bench`. ``--check-args`` validates the arguments and prints what they resolve to without touching a device.
 """
 
 from __future__ import annotations
@@ -50,13 +42,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -76,7 +66,6 @@ from common import (  # noqa: E402  (benchmarks/common.py)
     select_device,
     sync,
 )
-from sweep_report import SweepReport, norm_results, point_record, run_meta, workload_label  # noqa: E402
 
 import seg.tasks  # noqa: E402, F401  (importing it registers every task's config rules)
 from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, parse_override  # noqa: E402
@@ -368,62 +357,6 @@ def print_breakdowns(results: list[tuple[str, int, dict]], repeats: int) -> None
               f"{extra:.3f} | {cells} | {extra - sum(parts):.3f} ({(extra - sum(parts)) / extra:.0%}) |")
 
 
-# --sweep: workloads (batch, H, W) from the issue's 2×256×512 to the paper's 8×480×480 and the config's 8×512×1024.
-SWEEP_SIZES = ["2x256x512", "4x256x512", "4x480x480", "8x480x480", "8x512x1024"]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# The share of the memory available at the start that a CPU sweep point may be predicted to take.
-MEMORY_SHARE = 0.8
-
-
-def parse_workload(text: str) -> tuple[int, int, int]:
-    """``8x480x480`` -> (8, 480, 480): batch, height, width."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        values = tuple(int(v) for v in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxHEIGHTxWIDTH with positive integers, e.g. 8x480x480")
-    return values  # type: ignore[return-value]
-
-
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sweep over workload size (--sweep)")
-    group.add_argument("--sweep", action="store_true",
-                       help="time every --arch/--os/--norm at every --sizes workload and write "
-                            "<out-dir>/<name>.md, .json and .png")
-    group.add_argument("--sizes", nargs="+", type=parse_workload, metavar="BxHxW",
-                       help=f"workloads (batch x height x width); default {' '.join(SWEEP_SIZES)}")
-    group.add_argument("--max-pixels", type=int, metavar="N",
-                       help="record workloads of more than N pixels per step (batch·H·W) as 'did not fit'")
-    group.add_argument("--max-memory-gib", type=float, metavar="GIB",
-                       help="CPU: record a workload as 'did not fit' when its peak RSS, extrapolated from the "
-                            "last one measured, exceeds GIB (default: 80%% of the memory available at the start)")
-    group.add_argument("--out-dir", type=Path, help=f"where the sweep writes (default {RESULTS_DIR})")
-    group.add_argument("--name", help="file name stem of the sweep's results (default train_step_sweep_<device>)")
-    parser.add_argument("--check-args", action="store_true",
-                        help="check the arguments, print what would run (JSON) and exit, touching no device")
-
-
-def check_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    sweep_only = {"--sizes": args.sizes, "--max-pixels": args.max_pixels, "--max-memory-gib": args.max_memory_gib,
-                  "--out-dir": args.out_dir, "--name": args.name}
-    if not args.sweep:
-        given = [k for k, v in sweep_only.items() if v is not None]
-        if given:
-            parser.error(f"{', '.join(given)}: only with --sweep")
-        return
-    if args.variant or args.breakdown:
-        parser.error("--sweep times the norms only; run --variant and --breakdown without --sweep")
-    if args.name is not None and (not args.name or "/" in args.name):
-        parser.error(f"--name {args.name!r}: a file name stem without '/'")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        parser.error("--max-pixels must be positive")
-    args.sizes = sorted(args.sizes or [parse_workload(s) for s in SWEEP_SIZES], key=lambda w: w[0] * w[1] * w[2])
-    args.out_dir = args.out_dir or RESULTS_DIR
-    args.name = args.name or f"train_step_sweep_{args.device}"
-
-
 def check_encoder(parser: argparse.ArgumentParser, encoder: str) -> None:
     from seg.models.build import _check_encoder  # the builder's own check (smp or tu-<timm> names)
 
@@ -433,34 +366,48 @@ def check_encoder(parser: argparse.ArgumentParser, encoder: str) -> None:
         parser.error(f"--encoder: {e}")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models and measurements, shared with ``train_sweep.py``."""
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--arch", "--archs", dest="arch", nargs="+", default=["deeplabv3", "fcn"],
                         choices=("deeplabv3", "deeplabv3plus", "fcn"))
     parser.add_argument("--os", "--output-strides", dest="os", nargs="+", type=int, default=[8, 16], choices=(8, 16),
                         help="output strides")
     parser.add_argument("--encoder", default="resnet50")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
     parser.add_argument("--norm", nargs="+", default=DEFAULT_NORMS, choices=NORM_CHOICES,
                         help="model.norm values to time side by side (bn, the baseline, is always timed)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="CPU: skip the peak-memory subprocesses")
+    parser.add_argument("--no-op-count", dest="op_count", action="store_false",
+                        help="skip counting the aten operations and host syncs of one training step per model")
+    parser.add_argument("--check-args", action="store_true",
+                        help="check the arguments, print what would run (JSON) and exit, touching no device")
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be positive, --warmup at least 0")
+    # bn first: the baseline of every ratio; each norm once.
+    args.norm = list(dict.fromkeys(["bn", *args.norm]))
+    check_encoder(parser, args.encoder)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))
     parser.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also time deconvolution with these model.deconv settings, e.g. stats_every=4 "
                              "matrix_grad=false (speed options that change the mathematics)")
     parser.add_argument("--breakdown", action="store_true",
                         help="CPU: profile --repeats training steps of each model and print where "
                              "deconvolution's extra time goes")
-    parser.add_argument("--no-memory", dest="memory", action="store_false",
-                        help="CPU: skip the peak-memory subprocesses")
-    parser.add_argument("--no-op-count", dest="op_count", action="store_false",
-                        help="skip counting the aten operations and host syncs of one training step per model")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     if args.memory_probe:
         return args, parser
@@ -468,16 +415,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         args.variant = {text: parse_variant(text) for text in args.variant}
     except ConfigError as e:
         parser.error(str(e))
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.batch < 1 or min(args.size) < 1:
-        parser.error("--repeats, --threads, --batch and --size must be positive, --warmup at least 0")
+    if args.batch < 1 or min(args.size) < 1:
+        parser.error("--batch and --size must be positive")
     if args.breakdown and args.device != "cpu":
         parser.error("--breakdown profiles CPU time; run it with --device cpu")
-    # bn first: the baseline of every ratio; each norm once.
-    args.norm = list(dict.fromkeys(["bn", *args.norm]))
+    check_model_arguments(parser, args)
     if args.breakdown and "deconv" not in args.norm:
         parser.error("--breakdown splits deconvolution's extra time; add deconv to --norm")
-    check_sweep(parser, args)
-    check_encoder(parser, args.encoder)
     return args, parser
 
 
@@ -485,134 +429,17 @@ def print_checked(args: argparse.Namespace) -> None:
     """``--check-args``: what the arguments resolved to, as JSON."""
     plan = {k: v for k, v in vars(args).items() if k not in ("memory_probe", "check_args")}
     plan["variant"] = list(args.variant)
-    if args.sweep:
-        plan["sizes"] = [f"{b}x{h}x{w}" for b, h, w in args.sizes]
-        plan["writes"] = [str(args.out_dir / f"{args.name}.{ext}") for ext in ("md", "json", "png")]
     print(json.dumps(plan, default=str))
 
 
-# -- the sweep ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sweep" in argv:  # the older spelling of train_sweep.py (which imports this module: imported here)
+        import train_sweep
 
-
-class DidNotFit(Exception):
-    """A workload that needs more memory than the machine has."""
-
-
-def available_mib() -> float | None:
-    """``MemAvailable`` of /proc/meminfo in MiB (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def predicted_peak_mib(last: dict, pixels: int) -> float | None:
-    """The largest one-model peak RSS at ``pixels``, from the last workload measured (``last``: a sweep record
-    that fit): what stays (peak less step) plus the step's memory scaled with the pixels."""
-    peaks = [e["peak_mib"] - e["step_mib"] + e["step_mib"] * pixels / last["pixels"]
-             for e in last["norms"].values() if "peak_mib" in e]
-    return max(peaks) if peaks else None
-
-
-def memory_guard(args: argparse.Namespace, device: torch.device, pixels: int, last: dict | None) -> str | None:
-    """Why a workload is not tried (None: try it)."""
-    if args.max_pixels is not None and pixels > args.max_pixels:
-        return f"{pixels} pixels per step > --max-pixels {args.max_pixels}"
-    if device.type != "cpu" or last is None or args.max_memory_gib is None:
-        return None
-    need = predicted_peak_mib(last, pixels)
-    if need is not None and need > args.max_memory_gib * 1024:
-        return (f"predicted peak RSS {need / 1024:.1f} GiB (from {last['pixels']} pixels) > memory guard "
-                f"{args.max_memory_gib:.1f} GiB")
-    return None
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def bench_workload(arch: str, output_stride: int, workload: tuple[int, int, int], args: argparse.Namespace,
-                   device: torch.device) -> dict:
-    """:func:`bench` at one workload; running out of memory (here or in a memory subprocess) raises DidNotFit."""
-    sized = argparse.Namespace(**{**vars(args), "batch": workload[0], "size": list(workload[1:])})
-    try:
-        return bench(arch, output_stride, sized, device)
-    except subprocess.CalledProcessError as e:
-        if e.returncode == -9 or is_out_of_memory(RuntimeError(e.stderr or "")):
-            raise DidNotFit(f"the memory subprocess ran out of memory (exit {e.returncode})") from None
-        tail = "\n".join((e.stderr or "").strip().splitlines()[-5:])
-        raise RuntimeError(f"the memory subprocess failed (exit {e.returncode}):\n{tail}") from None
-    except RuntimeError as e:
-        if is_out_of_memory(e):
-            raise DidNotFit(f"out of memory ({str(e).splitlines()[0][:120]})") from None
-        raise
-
-
-def sweep_point(arch: str, output_stride: int, workload: tuple[int, int, int], args: argparse.Namespace,
-                device: torch.device, last: dict | None) -> dict:
-    record = point_record(arch, args.encoder, output_stride, workload)
-    record["reason"] = memory_guard(args, device, record["pixels"], last)
-    if record["reason"] is not None:
-        return record
-    start = time.perf_counter()
-    try:
-        result = bench_workload(arch, output_stride, workload, args, device)
-    except DidNotFit as e:
-        record["reason"] = str(e)
-    release(device)
-    if record["reason"] is None:
-        record.update(fit=True, norms=norm_results(result, args.norm))
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    return record
-
-
-def describe_point(p: dict) -> str:
-    head = f"{p['arch']} {p['encoder']} OS {p['output_stride']} {workload_label(p['batch'], p['height'], p['width'])}"
-    if not p["fit"]:
-        return f"{head}: did not fit: {p['reason']}"
-    ratios = ", ".join(f"{n} {e['train_ratio']:.2f}x" for n, e in p["norms"].items() if "train_ratio" in e)
-    return f"{head} ({p['seconds']} s): bn step {p['norms']['bn']['train_s']:.3f} s; train ratios {ratios}"
-
-
-def sweep(args: argparse.Namespace, device: torch.device) -> SweepReport:
-    """Every (arch, output stride), its workloads from the smallest up; once one does not fit, the larger ones of
-    that model are recorded as not fitting either. The results are rewritten after every workload."""
-    if device.type == "cpu" and args.memory and args.max_memory_gib is None:
-        mib = available_mib()
-        args.max_memory_gib = None if mib is None else MEMORY_SHARE * mib / 1024
-    report = SweepReport(run_meta(args, device, torch.get_num_threads()), args.out_dir, args.name)
-    for arch in args.arch:
-        for output_stride in args.os:
-            last, failed = None, None
-            for workload in args.sizes:
-                if failed is not None:
-                    point = point_record(arch, args.encoder, output_stride, workload)
-                    point["reason"] = f"a smaller workload ({failed}) did not fit"
-                else:
-                    point = sweep_point(arch, output_stride, workload, args, device, last)
-                    if point["fit"]:
-                        last = point
-                    else:
-                        failed = workload_label(*workload)
-                report.add(point)
-                report.write()
-                print(describe_point(point), flush=True)
-    return report
-
-
-def main() -> None:
-    args, parser = parse_args()
+        train_sweep.main([a for a in argv if a != "--sweep"])
+        return
+    args, parser = parse_args(argv)
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return
@@ -620,14 +447,6 @@ def main() -> None:
         print_checked(args)
         return
     device, name = select_device(parser, args.device, args.threads)
-    if args.sweep:
-        print(f"device={device} ({name}) sweep over {' '.join(workload_label(*w) for w in args.sizes)} "
-              f"norms={','.join(args.norm)} warmup={args.warmup} repeats={args.repeats} torch={torch.__version__} "
-              f"loadavg={os.getloadavg()[0]:.2f}", flush=True)
-        report = sweep(args, device)
-        print("\n" + report.paths["md"].read_text())
-        print("wrote " + ", ".join(str(p) for p in report.paths.values()))
-        return
     print(f"device={device} ({name}) encoder={args.encoder} input={args.batch}x3x{args.size[0]}x{args.size[1]} "
           f"norms={','.join(args.norm)} isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} "
           f"torch={torch.__version__} loadavg={os.getloadavg()[0]:.2f}", flush=True)

@@ -14,12 +14,13 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "train_step.py"
+SWEEP = BENCHMARKS / "train_sweep.py"
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow  # whole DeepLabV3 models, every norm and a profiled breakdown: the slowest test
@@ -88,14 +89,15 @@ def test_train_step_rejects_unknown_norms_and_a_breakdown_without_deconv():
     assert proc.returncode == 2 and "add deconv to --norm" in proc.stderr
 
 
-# -- train_step.py --sweep ----------------------------------------------------------------------------------
+# -- train_sweep.py (and its older spelling train_step.py --sweep) -----------------------------------------
 
 
 @pytest.mark.slow  # a sweep of whole models in a subprocess
 def test_sweep_writes_table_json_and_plot(tmp_path: Path) -> None:
-    proc = run("--sweep", "--sizes", "2x32x64", "1x32x64", "--max-pixels", "3000", "--archs", "fcn",
+    proc = run("--sizes", "2x32x64", "1x32x64", "--max-pixels", "3000", "--archs", "fcn",
                "--output-strides", "16", "--encoder", "resnet18", "--norm", "bn", "deconv", "--repeats", "2",
-               "--warmup", "0", "--no-memory", "--threads", "1", "--out-dir", str(tmp_path), "--name", "tiny")
+               "--warmup", "0", "--no-memory", "--threads", "1", "--out-dir", str(tmp_path), "--name", "tiny",
+               script=SWEEP)
     # (one thread: no OpenMP spinning against whatever else the machine runs)
     assert proc.returncode == 0, proc.stderr
     files = {ext: tmp_path / f"tiny.{ext}" for ext in ("md", "json", "png")}
@@ -124,31 +126,37 @@ def test_sweep_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert "tiny.md" in proc.stdout  # where it wrote
 
 
-def _train_step_module():
+def _benchmark_module(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import train_step
+        module = __import__(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return train_step
+    return module
 
 
 def test_sweep_options_are_checked(capsys: pytest.CaptureFixture) -> None:
-    parse_args = _train_step_module().parse_args
-    for argv, message in ((["--sizes", "2x32x64"], "--sizes: only with --sweep"),
-                          (["--sweep", "--sizes", "2x32"], "BATCHxHEIGHTxWIDTH"),
-                          (["--sweep", "--breakdown"], "--sweep times the norms only"),
-                          (["--sweep", "--encoder", "resnet5O"], "--encoder"),
-                          (["--sweep", "--max-pixels", "0"], "--max-pixels must be positive")):
+    parse_args = _benchmark_module("train_sweep").parse_args
+    for argv, message in ((["--sizes", "2x32"], "BATCHxHEIGHTxWIDTH"),
+                          (["--breakdown"], "unrecognized arguments: --breakdown"),  # train_step.py's alone
+                          (["--encoder", "resnet5O"], "--encoder"),
+                          (["--max-pixels", "0"], "--max-pixels must be positive")):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
-    args = parse_args(["--sweep", "--archs", "fcn", "--output-strides", "16"])[0]
+    with pytest.raises(SystemExit) as exc:  # the sweep's options belong to train_sweep.py
+        _benchmark_module("train_step").parse_args(["--sizes", "2x32x64"])
+    assert exc.value.code == 2 and "unrecognized arguments: --sizes" in capsys.readouterr().err
+    args = parse_args(["--archs", "fcn", "--output-strides", "16"])[0]
     assert args.arch == ["fcn"] and args.os == [16] and args.name == "train_step_sweep_cpu"
     assert [f"{b}x{h}x{w}" for b, h, w in args.sizes] == train_step_defaults()
+
+
+@pytest.mark.parametrize("script, flag", [(SWEEP, []), (SCRIPT, ["--sweep"])])
+def test_sweep_check_args_in_both_spellings(script: Path, flag: list[str]) -> None:
     # --check-args: the exact flags of the GPU check, validated without a device; nothing written.
-    proc = run("--sweep", "--device", "cuda", "--archs", "deeplabv3", "--output-strides", "8", "--check-args",
-               "--sizes", "8x512x1024", "8x480x480", "--name", "n", "--out-dir", "/nonexistent/d")
+    proc = run(*flag, "--device", "cuda", "--archs", "deeplabv3", "--output-strides", "8", "--check-args",
+               "--sizes", "8x512x1024", "8x480x480", "--name", "n", "--out-dir", "/nonexistent/d", script=script)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["sizes"] == ["8x480x480", "8x512x1024"] and plan["arch"] == ["deeplabv3"] and plan["os"] == [8]
@@ -160,15 +168,15 @@ def train_step_defaults() -> list[str]:
 
 
 def test_memory_guard_extrapolates_the_last_workload() -> None:
-    train_step = _train_step_module()
+    sweep = _benchmark_module("train_sweep")
     last = {"pixels": 1000, "norms": {"bn": {"peak_mib": 1500.0, "step_mib": 1000.0},
                                       "deconv": {"peak_mib": 1800.0, "step_mib": 900.0},
                                       "deconv folded": {"eval_s": 0.1}}}
-    assert train_step.predicted_peak_mib(last, 4000) == 500 + 4000  # bn: the larger at 4x the pixels
+    assert sweep.predicted_peak_mib(last, 4000) == 500 + 4000  # bn: the larger at 4x the pixels
     cpu = torch.device("cpu")
-    args = train_step.parse_args(["--sweep", "--max-memory-gib", "4"])[0]
-    assert train_step.memory_guard(args, cpu, 3000, last) is None  # 3.4 GiB
-    assert "predicted peak RSS 4.4 GiB" in train_step.memory_guard(args, cpu, 4000, last)
-    assert train_step.memory_guard(args, torch.device("cuda"), 4000, last) is None  # CUDA: out of memory is caught
+    args = sweep.parse_args(["--max-memory-gib", "4"])[0]
+    assert sweep.memory_guard(args, cpu, 3000, last) is None  # 3.4 GiB
+    assert "predicted peak RSS 4.4 GiB" in sweep.memory_guard(args, cpu, 4000, last)
+    assert sweep.memory_guard(args, torch.device("cuda"), 4000, last) is None  # CUDA: out of memory is caught
     args.max_pixels = 2000
-    assert "--max-pixels 2000" in train_step.memory_guard(args, cpu, 3000, None)
+    assert "--max-pixels 2000" in sweep.memory_guard(args, cpu, 3000, None)
