@@ -74,7 +74,7 @@ case "$*" in
   *gpu_check.py\ train*)
     while (($#)); do case "$1" in --out-dir) dir=$2 ;; esac; shift; done
     mkdir -p "$dir"; echo '{"ok": true, "val_miou": 0.1, "eval_miou": 0.1}' >"$dir/train.json"; echo "loss falling" ;;
-  *train_step.py*)
+  *train_sweep.py*)
     while (($#)); do case "$1" in --out-dir) dir=$2 ;; --name) name=$2 ;; esac; shift; done
     printf '# Train-step sweep: stand-in\n\n| model | ratio |\n' >"$dir/$name.md"; echo "sweep done" ;;
   *inference_fps.py*) echo "inference broke" >&2; exit 3 ;;
