@@ -5,6 +5,7 @@ device, ``amp: auto`` by the GPU's compute capability, cuDNN and data-worker set
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 
@@ -134,17 +135,51 @@ def test_channels_last_model_and_gradients_match_the_default_layout(synthetic_ro
         assert (grads[1][name] - g).norm() <= 1e-9 * g.norm() + 1e-12 * total, name
 
 
-@pytest.mark.slow  # inductor compiles the model on the CPU: minutes
-def test_compiled_training_matches_eager(synthetic_root: Path, tmp_path: Path) -> None:
-    from tests.test_engine_trainer import CPU, tiny_cfg
+@pytest.mark.slow  # inductor compiles the model on the CPU: a minute
+def test_compiled_model_trains_as_eager_in_float64(synthetic_root: Path) -> None:
+    """Three SGD steps of the demo's model (deconvolution everywhere, the stem's schedule, stats_every 4: the
+    refresh and the rescaled steps) give the same weights and running statistics compiled as eager. Float64: the
+    whitening of near-singular patch covariances amplifies float32 rounding, which compiled kernels reorder."""
+    from tests.test_engine_trainer import tiny_cfg
 
-    weights = {}
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(synthetic_root).model).double().train()
+    assert any(isinstance(m, FastDeconv) and m.stats_every == 4 for m in model.modules())
+    inputs = [torch.randn(2, 3, 32, 64, dtype=torch.float64) for _ in range(3)]
+    states, losses = [], []
+    for compiled in (False, True):
+        net = copy.deepcopy(model)
+        step = torch.compile(net) if compiled else net
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        torch.manual_seed(1)
+        run = []
+        for x in inputs:  # (the ASPP's dropout draws the same masks compiled: torch's generator either way)
+            optimizer.zero_grad()
+            loss = step(x)["out"].square().mean()
+            loss.backward()
+            optimizer.step()
+            run.append(loss.item())
+        states.append(net.state_dict())
+        losses.append(run)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-9)
+    eager, compiled_state = states
+    total = torch.cat([v.flatten() for v in eager.values() if v.is_floating_point()]).norm()
+    for key, value in eager.items():
+        assert torch.equal(compiled_state[key], value) or (
+            value.is_floating_point() and (compiled_state[key] - value).norm() <= 1e-9 * total), key
+
+
+@pytest.mark.slow  # inductor compiles the model on the CPU: minutes
+def test_train_compile_runs_the_same_first_step(synthetic_root: Path, tmp_path: Path) -> None:
+    """``train.compile: default`` trains through the engine; its first loss is eager's (same weights, same
+    batch). Later steps are not compared in float32: see the float64 test above."""
+    from tests.test_engine_trainer import CPU, _records, tiny_cfg
+
+    first = {}
     for mode in ("none", "default"):
         cfg = tiny_cfg(synthetic_root, "train.iterations=2", f"train.compile={mode}")
         result = trainer.train(cfg, CPU, tmp_path / mode, show_progress=False)
-        weights[mode] = torch.load(result.work_dir / "last.pth", weights_only=True)["model"]
-    total = torch.cat([v.flatten().float() for v in weights["none"].values()]).norm()
-    for key, value in weights["none"].items():
-        if value.is_floating_point():
-            diff = (weights["default"][key].float() - value.float()).norm()
-            assert diff <= 1e-3 * value.float().norm() + 1e-6 * total, key
+        losses = [r["loss"] for r in _records(result.work_dir, "train")]
+        assert len(losses) == 2 and all(map(math.isfinite, losses)), losses
+        first[mode] = losses[0]
+    assert first["default"] == pytest.approx(first["none"], rel=1e-5)

@@ -270,6 +270,10 @@ def _synced_moments(c: torch.Tensor, full: bool, shift: torch.Tensor | None
     return mean, second, count, local_mean - mean
 
 
+# Dynamo cannot trace this Function (its forward centres a gathered copy in place and saves it; its backward
+# reads shapes that dynamic-shape tracing makes symbolic): under torch.compile the statistics run eager, in a
+# graph break, and everything around them compiles.
+@torch.compiler.disable
 def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool = False,
                     second_grad: bool = True, shift: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,6 +289,7 @@ def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bo
     return _SampledMoments.apply(x, sampler, full, sync, second_grad, None, shift)
 
 
+@torch.compiler.disable
 def sampled_covariance(x: torch.Tensor, sampler: PatchSampler, eps: float, sync: bool = False,
                        second_grad: bool = True, shift: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
