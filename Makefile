@@ -13,7 +13,7 @@ OPENCV_VERSION := 5.0.0.93
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-slow lint demo clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	@echo "[demo 1/6] installing torch and the project into $(VENV) (first time only, about 1.5 minutes)"
@@ -28,6 +28,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The end-to-end tier (CI runs it after lint; about 6 minutes on 2 cores).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seg tools tests benchmarks
