@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import interleaved_samples, select_device  # noqa: E402  (benchmarks/common.py)
-from sweep_report import cpu_model  # noqa: E402  (benchmarks/sweep_report.py)
+from machine_info import cpu_model  # noqa: E402  (benchmarks/machine_info.py)
 
 from seg.config import Config, ConfigError, load_config  # noqa: E402
 from seg.engine.optim import build_optimizer  # noqa: E402

@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from machine_info import cpu_model  # benchmarks/machine_info.py (this script's folder is first on sys.path); no torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,16 +47,6 @@ def commit() -> str:
         return "unknown (not a git checkout)"
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     return head + (" with uncommitted changes" if dirty else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_lines() -> list[str]:

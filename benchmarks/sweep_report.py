@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from machine_info import cpu_model  # benchmarks/machine_info.py
 
 FOLDED = "deconv folded"  # the eval-only row of the deconvolution model after seg.nn.fold_deconv
 
@@ -74,17 +75,6 @@ def norm_results(result: dict, norms: list[str]) -> dict[str, dict]:
 
 
 # -- the machine -----------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_description(device: torch.device) -> str:
