@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic Cityscapes generated once per session, and a matching DataConfig."""
+"""Shared fixtures: a small synthetic Cityscapes generated once per session, a matching DataConfig, the tiny
+overrides that turn configs/demo.yaml into a seconds-long CPU run, and a one-process gloo group."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import seg.tasks  # noqa: E402, F401  (importing it registers every task's config rules, as the tools do)
-from seg.config import DataConfig  # noqa: E402
+from seg.config import Config, DataConfig, DeconvConfig, ModelConfig, to_dict  # noqa: E402
 
 SYNTHETIC_SIZE = (64, 128)  # H, W: small enough for seconds-long CPU tests, big enough for every class
 
@@ -31,6 +32,48 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=0,
         video_frames=4,
     )
+
+
+# configs/demo.yaml, seconds long on the CPU: 32x64 crops of the session's 64x128 images, no workers, a small
+# deconvolution block, batch 2 (BatchNorm needs two values per channel), every iteration logged, no validation or
+# periodic checkpoint before the end.
+TINY_DEMO = {
+    "data.crop_size": "[32,64]",
+    "data.num_workers": "0",
+    "model.deconv.block": "8",
+    "train.batch_size": "2",
+    "train.iterations": "4",
+    "train.log_interval": "1",
+    "train.val_interval": "100",
+    "train.checkpoint_interval": "100",
+    "eval.batch_size": "1",
+}
+
+
+def tiny_overrides(root: Path | str, *extra: str) -> list[str]:
+    """``KEY=VALUE`` overrides of configs/demo.yaml for a tiny run on ``root`` (:data:`TINY_DEMO`); ``extra``
+    overrides change or add keys (each key once, in TINY_DEMO's order, then the new ones)."""
+    settings = {"data.root": str(root), **TINY_DEMO}
+    for text in extra:
+        key, _, value = text.partition("=")
+        settings[key] = value
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def tiny_model_cfg(**changes) -> ModelConfig:
+    """A small segmentation model: DeepLabV3, ResNet-18 at output stride 16, deconvolution blocks of 16."""
+    return ModelConfig(**{"encoder": "resnet18", "output_stride": 16, "deconv": DeconvConfig(block=16), **changes})
+
+
+def save_untrained_checkpoint(path: Path, cfg: Config, seed: int = 0) -> Path:
+    """``cfg``'s segmentation model, untrained (``torch.manual_seed(seed)``), saved as training saves a checkpoint."""
+    import torch
+
+    from seg.models import build_model
+
+    torch.manual_seed(seed)
+    torch.save({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg), "iteration": 0}, path)
+    return path
 
 
 @pytest.fixture

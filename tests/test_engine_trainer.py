@@ -13,6 +13,7 @@ from seg.config import Config, ConfigError, from_dict, load_config
 from seg.engine import DistInfo, NonFiniteLossError, train
 from seg.tasks import DataRootError
 from seg.tasks.segmentation import SegmentationTask
+from tests.conftest import tiny_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -20,23 +21,8 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 def tiny_cfg(root: Path, *overrides: str) -> Config:
     """The demo recipe (DeepLabV3+, ResNet-18, deconvolution) on 64x128 synthetic images, 32x64 crops, batch 2."""
-    return load_config(
-        CONFIGS / "demo.yaml",
-        [
-            f"data.root={root}",
-            "data.crop_size=[32,64]",
-            "data.num_workers=0",
-            "model.deconv.block=8",
-            "train.batch_size=2",
-            "train.iterations=4",
-            "train.warmup_iters=1",
-            "train.log_interval=1",
-            "train.val_interval=100",
-            "train.checkpoint_interval=100",
-            "eval.batch_size=2",
-            *overrides,
-        ],
-    )
+    return load_config(CONFIGS / "demo.yaml", tiny_overrides(root, "train.warmup_iters=1", "eval.batch_size=2",
+                                                             *overrides))
 
 
 def _records(work_dir: Path, event: str) -> list[dict]:

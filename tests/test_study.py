@@ -41,6 +41,7 @@ from seg.study.report import markdown
 from seg.study.runner import inspect_run, train_command
 from seg.study.selection import extensions
 from seg.study.stats import median, t_two_sided_mass
+from tests.conftest import tiny_overrides
 from tools import study as study_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +49,8 @@ FIGURES = ("miou_vs_iteration.png", "miou_vs_seconds.png", "loss_vs_iteration.pn
 
 
 def tiny_opts(root: Path, iterations: int = 2) -> list[str]:
-    """Seconds-long CPU runs on the session's synthetic set (batch 2: BatchNorm needs two values per channel)."""
-    return [f"data.root={root}", "data.crop_size=[32,64]", "data.num_workers=0", "model.deconv.block=8",
-            "train.batch_size=2", f"train.iterations={iterations}", "train.log_interval=1", "train.val_interval=1",
-            "train.checkpoint_interval=100", "eval.batch_size=1"]
+    """Seconds-long CPU runs on the session's synthetic set, validating every iteration."""
+    return tiny_overrides(root, f"train.iterations={iterations}", "train.val_interval=1")
 
 
 def write_study(path: Path, **changes: object) -> Path:

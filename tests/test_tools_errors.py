@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from seg.config import Config, DataConfig, ModelConfig, to_dict
+from seg.config import Config, DataConfig, to_dict
 from seg.evaluation.official import OfficialEvalError, core_name, ground_truth_files
-from seg.models import build_model
+from tests.conftest import save_untrained_checkpoint, tiny_model_cfg
 from tools import eval as eval_tool
 from tools import export as export_tool
 from tools import infer as infer_tool
@@ -26,9 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(synthetic_root, tmp_path_factory) -> dict[str, Path]:
     """A valid config and checkpoint, a config with a missing data root, a non-checkpoint and a broken image."""
     d = tmp_path_factory.mktemp("tool_errors")
-    cfg = Config(model=ModelConfig(encoder="resnet18", output_stride=16))
-    torch.manual_seed(0)
-    torch.save({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg)}, d / "last.pth")
+    save_untrained_checkpoint(d / "last.pth", Config(model=tiny_model_cfg()))
     (d / "ok.yaml").write_text(yaml.safe_dump(to_dict(Config(data=DataConfig(root=str(synthetic_root))))))
     (d / "noroot.yaml").write_text(yaml.safe_dump(to_dict(Config(data=DataConfig(root=str(d / "no_data"))))))
     (d / "notes.pth").write_text("these are notes, not a checkpoint")

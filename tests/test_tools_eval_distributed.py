@@ -7,23 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from seg.config import Config, DataConfig, ModelConfig, to_dict
-from seg.models import build_model
+from seg.config import Config, DataConfig, to_dict
+from tests.conftest import save_untrained_checkpoint, tiny_model_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_torchrun_eval_matches_single_process(synthetic_root, tmp_path):
-    cfg = Config(model=ModelConfig(encoder="resnet18", output_stride=16), data=DataConfig(root=str(synthetic_root)))
-    cfg.model.deconv.block = 16
-    cfg.data.num_workers = 0
-    torch.manual_seed(0)
-    ckpt = tmp_path / "last.pth"
-    torch.save({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg)}, ckpt)
+    cfg = Config(model=tiny_model_cfg(), data=DataConfig(root=str(synthetic_root), num_workers=0))
+    ckpt = save_untrained_checkpoint(tmp_path / "last.pth", cfg)
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")

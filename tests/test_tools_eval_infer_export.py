@@ -25,7 +25,7 @@ from seg.evaluation.official import (
     run_official_eval,
     save_label_ids,
 )
-from seg.models import build_model
+from tests.conftest import save_untrained_checkpoint, tiny_model_cfg
 from tools import eval as eval_tool
 from tools import export as export_tool
 from tools import infer as infer_tool
@@ -46,13 +46,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained tiny model saved the way training saves checkpoints."""
-    cfg = Config(model=ModelConfig(encoder="resnet18", output_stride=16))
-    cfg.model.deconv.block = 16
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    path = tmp_path_factory.mktemp("ckpt") / "last.pth"
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "iteration": 0}, path)
-    return path
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pth", Config(model=tiny_model_cfg()))
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +234,8 @@ def test_export_onnx_without_the_packages_explains(config_file, checkpoint, tmp_
 @pytest.fixture(scope="module")
 def reference_checkpoint(tmp_path_factory) -> Path:
     """An untrained tiny model with the paper's 21 outputs (void, 19 classes, unused)."""
-    cfg = Config(model=ModelConfig(encoder="resnet18", output_stride=16, num_classes=21),
-                 data=DataConfig(label_mapping="reference"))
-    cfg.model.deconv.block = 16
-    torch.manual_seed(1)
-    model = build_model(cfg.model)
-    path = tmp_path_factory.mktemp("ckpt21") / "last.pth"
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "iteration": 0}, path)
-    return path
+    cfg = Config(model=tiny_model_cfg(num_classes=21), data=DataConfig(label_mapping="reference"))
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt21") / "last.pth", cfg, seed=1)
 
 
 def test_eval_tool_gives_both_metrics_of_a_paper_checkpoint(synthetic_root, reference_checkpoint, tmp_path, capsys):

@@ -13,25 +13,13 @@ from pathlib import Path
 import pytest
 
 from seg.checkpoint import load_checkpoint
+from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_opts(root: Path, *extra: str) -> list[str]:
-    return [
-        "--opts",
-        f"data.root={root}",
-        "data.crop_size=[32,64]",
-        "data.num_workers=0",
-        "model.deconv.block=8",
-        "train.batch_size=1",
-        "train.iterations=3",
-        "train.log_interval=1",
-        "train.val_interval=100",
-        "train.checkpoint_interval=100",
-        "eval.batch_size=1",
-        *extra,
-    ]
+    return ["--opts", *tiny_overrides(root, "train.batch_size=1", "train.iterations=3", *extra)]
 
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
