@@ -433,14 +433,14 @@ def _env() -> dict[str, str]:
 
 def test_a_failing_run_is_recorded_and_the_study_exits_1(tmp_path: Path, synthetic_root: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    # The config is valid, the data root is not there: train.py fails (exit 1) with no 'diverged' record.
+    # The config is valid, the data root is not there: train.py fails (exit 2) with no 'diverged' record.
     path = write_study(tmp_path / "s.yaml", seeds=[0], variants={"bn": ["model.norm=bn"]})
     argv = [str(path), "--out", str(tmp_path / "out"), "--device", "cpu", "--opts",
             *tiny_opts(tmp_path / "nowhere")]
     assert study_tool.main(argv) == 1
     assert "bn/seed0 (failed)" in capsys.readouterr().err
     run = json.loads((tmp_path / "out" / "study.json").read_text())["variants"]["bn"]["runs"][0]
-    assert run["status"] == "failed" and "nowhere" in run["message"] and "exit code 1" in run["message"]
+    assert run["status"] == "failed" and "nowhere" in run["message"] and "exit code 2" in run["message"]
 
 
 @pytest.mark.slow  # a subprocess per case; `pytest -m slow` runs it

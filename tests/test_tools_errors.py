@@ -18,6 +18,8 @@ from tools import export as export_tool
 from tools import infer as infer_tool
 from tools import make_synthetic_cityscapes as synth_tool
 from tools import prepare_cityscapes as prepare_tool
+from tools import study as study_tool
+from tools import train as train_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +74,15 @@ CASES = {
         (lambda f: [f["config"], f["dir"] / "notes.pth", "--format", "torchscript"], 2, ["notes.pth"]),
         (lambda f: [f["dir"] / "nothere.yaml", f["ckpt"], "--format", "torchscript"], 2, ["nothere.yaml"]),
     ],
+    "train": [
+        (lambda f: [f["dir"] / "nothere.yaml", "--device", "cpu"], 2, ["nothere.yaml"]),
+        (lambda f: [f["noroot"], "--device", "cpu", "--work-dir", f["dir"] / "run"], 2, ["no_data"]),
+        (lambda f: [f["config"], "--device", "cpu", "--opts", "train.nope=1"], 2, ["train.nope"]),
+    ],
+    "study": [
+        (lambda f: [f["dir"] / "nothere.yaml", "--device", "cpu"], 2, ["nothere.yaml"]),
+        (lambda f: [f["dir"] / "nothere.yaml", "--jobs", "0"], 2, ["--jobs"]),
+    ],
     "prepare_cityscapes": [
         (lambda f: ["--root", f["dir"] / "no_data", "--nproc", "1"], 2, ["no_data"]),
     ],
@@ -82,6 +93,8 @@ CASES = {
 }
 MAINS = {
     "eval": eval_tool.main,
+    "train": train_tool.main,
+    "study": study_tool.main,
     "infer": infer_tool.main,
     "export": export_tool.main,
     "prepare_cityscapes": prepare_tool.main,

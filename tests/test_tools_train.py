@@ -113,7 +113,7 @@ def test_missing_dataset_message(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "make demo" in proc.stderr and "nowhere" in proc.stderr
+    assert proc.returncode == 2 and "make demo" in proc.stderr and "nowhere" in proc.stderr  # a user error
 
 
 def _train_workers(pid: int) -> list[int]:
@@ -177,5 +177,5 @@ def test_corrupt_training_image_is_one_error_line(
     # A worker process reads it: the error crosses the DataLoader and still reads as one line.
     argv = ["configs/demo.yaml", "--device", "cpu", "--no-progress", "--work-dir", str(tmp_path / "run"),
             *tiny_opts(root, "train.batch_size=2", "train.iterations=2", "data.num_workers=1")]
-    assert _train_tool(argv) == 1
+    assert _train_tool(argv) == 2  # unreadable data: a user error
     _one_error_line(capsys.readouterr().err, victim.name)

@@ -5,11 +5,15 @@
 Generates datasets/synthetic_cityscapes when missing, trains (a few minutes on 2 CPU cores; a finished
 run in the work dir is reused unless --retrain), scores the val split, writes colored masks and overlays
 for a few val images and, when tools/infer.py is present, a colored version of the synthetic video.
+
+Exit codes (the README's table, seg/errors.py): 0 done; 1 the video inference failed (everything else is done);
+2 a bad --opts override; 128 + signal number when training was stopped by SIGINT/SIGTERM (it saved first).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +28,7 @@ from seg.data import CityscapesDataset, build_transforms
 from seg.data.labels import CLASS_NAMES
 from seg.data.synthetic import VIDEO_NAME, generate
 from seg.engine import DistInfo, train
+from seg.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_USER_ERROR
 from seg.evaluation import build_eval_loader, evaluate, format_table
 from seg.inference import Predictor
 from seg.media import write_image
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(CONFIG, args.opts)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     root = Path(cfg.data.root)
     if not root.is_absolute():
         root = REPO / root
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, DistInfo(0, 1, 0, torch.device("cpu")), work_dir, resume=resume)
         if result.status != "finished":
             print(f"training stopped at iteration {result.iteration}; run `make demo` again to continue")
-            return 130
+            return EXIT_SIGNAL_BASE + int(getattr(signal, result.signal_name or "SIGINT", signal.SIGINT))
     t_train = time.time() - t0
 
     # 3. evaluation of the best checkpoint on the val split
@@ -142,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset:      {root}")
     if video_failed:
         print(f"error: video inference of {video} failed (see above); everything else is done", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

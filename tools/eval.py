@@ -15,9 +15,9 @@ With a configs/paper/*.yaml CONFIG (its labels and its short side 520), a checkp
 outputs, or --reference-compat, the paper's code's scores (21 classes, void counted, the mean of all 21)
 follow the 19-class table as a second, labelled one (miou_reference in metrics.json).
 
-Exit codes: 0 done; 2 bad arguments, config or --opts key, missing or unusable checkpoint, missing or
-unreadable data, or a failure of the official evaluator (one line `error: <message>` on stderr naming the
-key or file).
+Exit codes (the README's table, seg/errors.py): 0 done; 2 bad arguments, config or --opts key, missing or unusable
+checkpoint, missing or unreadable data, or a failure of the official evaluator (one line `error: <message>` on
+stderr naming the key or file).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from seg.config import Config, ConfigError, load_config, to_dict
 from seg.data import CityscapesDataset, build_transforms
 from seg.data.labels import CLASS_NAMES, NUM_CLASSES, REFERENCE_CLASS_NAMES, reference_to_train
 from seg.engine.distributed import DistInfo, barrier, finish, init_distributed
-from seg.errors import UserError, error_message
+from seg.errors import EXIT_USER_ERROR, UserError, error_message
 from seg.evaluation import build_eval_loader, evaluate, format_table
 from seg.evaluation.evaluator import outputs_reference_ids
 from seg.evaluation.official import format_official, prediction_path, run_official_eval, save_label_ids
@@ -42,8 +42,6 @@ from seg.inference import Predictor, load_checkpoint_model, pick_device
 from seg.nn import fold_deconv
 from seg.tasks import build_task, untrained_model
 from seg.tasks.segmentation import SegmentationTask
-
-EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -236,13 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         pick_device(args.device)  # a clear error for --device cuda without CUDA, before joining a group
     except UserError as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        sys.exit(EXIT_USER_ERROR)
     info = init_distributed(args.device)
     try:
         code = run(args, info)
     except (UserError, ConfigError, OSError) as e:  # OSError: e.g. an --out folder that cannot be written
         print(f"error: {error_message(e)}", file=sys.stderr)
-        code = EXIT_ERROR
+        code = EXIT_USER_ERROR
     finish(info, code)  # under torchrun: tears the process group down without gloo's exit-time abort
 
 

@@ -6,9 +6,9 @@ The exported model takes a normalised image batch N,3,H,W (any H, W; mean/std of
 config) and returns logits N,19,H,W. After exporting, the file is run on two inputs of different sizes
 next to the eager model and the largest difference is printed. ONNX needs `pip install -e '.[onnx]'`.
 
-Exit codes: 0 exported and within --atol of eager; 1 exported but the difference exceeds --atol;
-2 nothing exported: bad arguments or config, missing or unusable checkpoint, missing ONNX packages, or a
-failed export (one line `error: <message>` on stderr naming the key or file).
+Exit codes (the README's table, seg/errors.py): 0 exported and within --atol of eager; 1 exported but the
+difference exceeds --atol; 2 nothing exported: bad arguments or config, missing or unusable checkpoint, missing
+ONNX packages, or a failed export (one line `error: <message>` on stderr naming the key or file).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from seg.config import ConfigError, load_config
-from seg.errors import UserError, error_message
+from seg.errors import EXIT_FAILED, EXIT_USER_ERROR, UserError, error_message
 from seg.export import (
     FORMATS,
     compare,
@@ -32,9 +32,6 @@ from seg.export import (
 )
 from seg.inference import load_checkpoint_model
 from seg.tasks import untrained_model
-
-EXIT_MISMATCH = 1
-EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if min(args.size) < 8:
         print(f"error: --size {args.size[0]} {args.size[1]}: expected H and W of at least 8", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     try:
         load_config(args.config)
         model, _ = load_checkpoint_model(args.checkpoint, "cpu", build=untrained_model)
@@ -70,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         diff = compare(wrapped, run, path, [sample, other] if dynamic else [sample])
     except (UserError, ConfigError, OSError) as e:  # OSError: e.g. an --out folder that cannot be written
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     shapes = "dynamic N, H, W" if dynamic else f"fixed input 1x3x{h}x{w}"
     print(f"exported {args.format} -> {path} ({shapes}); max |export - eager| = {diff:.3g}")
     if diff > args.atol:
         print(f"error: difference {diff:.3g} exceeds --atol {args.atol}", file=sys.stderr)
-        return EXIT_MISMATCH
+        return EXIT_FAILED
     return 0
 
 

@@ -8,10 +8,10 @@ INPUT: image files, folders, glob patterns (quote them) or videos (.mp4, .avi, .
 videos give <name>_seg.mp4 at the same frame rate and size (overlay, or --video-layout side for the
 colour mask next to it).
 
-Exit codes: 0 every input segmented; 1 some inputs failed (an unreadable or missing image or video, a
-video that cannot be written; each is reported as `error: <message naming the file>`, the others are
-still processed); 2 nothing usable: bad arguments, config or --opts key, missing or unusable checkpoint,
-unavailable device, or an image output folder that cannot be written.
+Exit codes (the README's table, seg/errors.py): 0 every input segmented; 1 some inputs failed (an unreadable or
+missing image or video, a video that cannot be written; each is reported as `error: <message naming the file>`,
+the others are still processed); 2 nothing usable: bad arguments, config or --opts key, missing or unusable
+checkpoint, unavailable device, or an image output folder that cannot be written.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from pathlib import Path
 
 import seg.tasks  # noqa: F401  (importing it registers every task's config rules)
 from seg.config import ConfigError, load_config
-from seg.errors import UserError, error_message
+from seg.errors import EXIT_FAILED, EXIT_USER_ERROR, UserError, error_message
 from seg.inference import Predictor
 from seg.media import MediaError, expand_inputs, is_video
 from seg.visualize import SAVE_KINDS, segment_images, segment_video
-
-EXIT_PARTIAL = 1  # some inputs failed, the others were written
-EXIT_ERROR = 2  # nothing usable: arguments, config, checkpoint, device or outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in save if s not in SAVE_KINDS]
     if unknown or not save:
         print(f"error: --save {args.save!r}: expected some of {','.join(SAVE_KINDS)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     if not 0.0 <= args.opacity <= 1.0:
         print(f"error: --opacity {args.opacity}: expected a value in [0, 1]", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     try:
         cfg = load_config(args.config, args.opts)
         chosen = {"mode": args.mode, "scales": args.scales, "flip": args.flip, "batch_size": args.batch_size}
@@ -75,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         errors = segment_all(predictor, args, save)
     except (UserError, ConfigError, OSError) as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     if errors:
         print(f"{len(errors)} input(s) failed", file=sys.stderr)
-        return EXIT_PARTIAL
+        return EXIT_FAILED
     return 0
 
 

@@ -7,8 +7,8 @@ writes ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``;
 ``CifarDataset(root, "cifar10", train)``. Ten procedurally drawn classes (shapes, stripes, checkerboard,
 dots) with random colours, positions and noise; the same seed gives the same files.
 
-Exit codes: 0 done; 2 a count or seed out of range, or an output that cannot be written (one line
-``error: <message>`` on stderr naming the value or file).
+Exit codes (the README's table, seg/errors.py): 0 done; 2 a count or seed out of range, or an output that cannot
+be written (one line ``error: <message>`` on stderr naming the value or file).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import sys
 import time
 
 from seg.data.cifar_standin import FOLDER, MAX_TEST_PER_CLASS, MAX_TRAIN_PER_CLASS, generate_cifar10_standin
-from seg.errors import UserError, error_message
-
-EXIT_ERROR = 2
+from seg.errors import EXIT_USER_ERROR, UserError, error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         root = generate_cifar10_standin(args.root, args.train_per_class, args.test_per_class, args.seed)
     except (UserError, OSError) as e:  # OSError: e.g. --root is a file or a read-only folder
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     print(
         f"wrote {10 * args.train_per_class} train and {10 * args.test_per_class} test images "
         f"to {root / FOLDER} in {time.time() - start:.1f}s"

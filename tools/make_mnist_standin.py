@@ -9,8 +9,8 @@ train on it with ``configs/mnist/standin_mlp_deconv.yaml``. ``--kind mnist`` typ
 ``--kind fashion_mnist`` draws crude silhouettes of the ten Fashion-MNIST classes; random affine maps,
 brightness and noise; the same seed gives the same files.
 
-Exit codes: 0 done; 2 a count, kind or seed out of range, or an output that cannot be written (one line
-``error: <message>`` on stderr naming the value or file).
+Exit codes (the README's table, seg/errors.py): 0 done; 2 a count, kind or seed out of range, or an output that
+cannot be written (one line ``error: <message>`` on stderr naming the value or file).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import sys
 import time
 
 from seg.data.mnist_standin import KINDS, MAX_TEST_PER_CLASS, MAX_TRAIN_PER_CLASS, generate_mnist_standin
-from seg.errors import UserError, error_message
-
-EXIT_ERROR = 2
+from seg.errors import EXIT_USER_ERROR, UserError, error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                       gzip=args.gzip)
     except (UserError, OSError) as e:  # OSError: e.g. --root is a file or a read-only folder
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     print(f"wrote {10 * args.train_per_class} train and {10 * args.test_per_class} test {args.kind} images "
           f"to {root} in {time.time() - start:.1f}s")
     return 0

@@ -3,8 +3,8 @@
     python tools/make_synthetic_cityscapes.py --root datasets/synthetic_cityscapes \
         --train 40 --val 10 --test 5 --height 256 --width 512 --seed 0
 
-Exit codes: 0 done; 2 bad arguments (a size or image count out of range) or an output that cannot be
-written (one line ``error: <message>`` on stderr naming the value or file).
+Exit codes (the README's table, seg/errors.py): 0 done; 2 bad arguments (a size or image count out of range) or an
+output that cannot be written (one line ``error: <message>`` on stderr naming the value or file).
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import sys
 import time
 
 from seg.data.synthetic import VIDEO_NAME, generate
-from seg.errors import UserError, error_message
-
-EXIT_ERROR = 2
+from seg.errors import EXIT_USER_ERROR, UserError, error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (UserError, OSError) as e:  # OSError: e.g. --root is a file or a read-only folder
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     print(
         f"wrote {args.train}/{args.val}/{args.test} train/val/test images "
         f"of {args.height}x{args.width} to {root}"

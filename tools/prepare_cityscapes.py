@@ -4,8 +4,9 @@
 
 Files already present are skipped (``--overwrite`` redoes them).
 
-Exit codes: 0 done; 2 bad arguments, no ``gtFine/`` folder or polygon JSONs under the root, or a JSON
-that cannot be converted (one line ``error: <message>`` on stderr naming the folder or file).
+Exit codes (the README's table, seg/errors.py): 0 done; 2 bad arguments, no ``gtFine/`` folder or polygon JSONs
+under the root, or a JSON that cannot be converted (one line ``error: <message>`` on stderr naming the folder or
+file).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import sys
 import time
 
 from seg.data.cityscapes import prepare_train_ids
-from seg.errors import UserError, error_message
-
-EXIT_ERROR = 2
+from seg.errors import EXIT_USER_ERROR, UserError, error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         print(f"error: --nproc {args.nproc}: expected at least 1", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     start = time.time()
     try:
         written, skipped = prepare_train_ids(args.root, nproc=args.nproc, overwrite=args.overwrite)
     except (UserError, OSError) as e:  # OSError: a label file that cannot be written
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USER_ERROR
     print(
         f"wrote {written} labelTrainIds files, skipped {skipped} already present ({time.time() - start:.1f}s)"
     )

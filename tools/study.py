@@ -10,9 +10,9 @@ variant's value by the file's rule, then trains the reported seeds at that value
 Running the command again skips finished (and diverged) runs and resumes interrupted ones, then rewrites
 DIR/study.json, DIR/study.md and the figures. Ctrl-C stops every running child cleanly (each saves last.pth).
 
-Exit codes: 0 every run finished or diverged (a divergence is a result, counted in the report), 1 a run failed
-(its log tail is in study.json) or another error, 2 bad study file, config or arguments, 128 + signal number
-when stopped by SIGINT/SIGTERM.
+Exit codes (the README's table, seg/errors.py): 0 every run finished or diverged (a divergence is a result,
+counted in the report), 1 a run failed (its log tail is in study.json), 2 bad study file, config or arguments,
+or another expected error before the runs, 128 + signal number when stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from seg.config import ConfigError  # noqa: E402
-from seg.errors import UserError, error_message  # noqa: E402
+from seg.errors import (  # noqa: E402
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGNAL_BASE,
+    EXIT_USER_ERROR,
+    UserError,
+    error_message,
+)
 from seg.study import load_study, run_study  # noqa: E402
 
 
@@ -54,27 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.jobs < 1:
         print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     try:
         study = load_study(args.study)
         result = run_study(study, Path(args.out) if args.out else None, args.opts, device, args.jobs, gpus)
-    except ConfigError as e:
+    except UserError as e:  # ConfigError included
         print(f"error: {error_message(e)}", file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"error: {error_message(e)}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     out = Path(result.summary["out"])
     print(f"report: {out / 'study.md'} (numbers: {out / 'study.json'}, figures: {out}/*.png)")
     if result.signum is not None:
-        return 128 + result.signum
+        return EXIT_SIGNAL_BASE + result.signum
     if result.failed:
         names = ", ".join(f"{_relative(Path(r.work_dir), out)} ({r.status})" for r in result.failed)
         print(f"error: {len(result.failed)} run(s) did not finish: {names}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
 
 The run folder is checkpoints/<config name>/ unless the config's work_dir or --work-dir says otherwise.
 
-Exit codes: 0 finished, 1 error (NaN loss, missing or unreadable data, bad checkpoint, ...), 2 bad config or
-arguments, 128 + signal number when stopped by SIGINT/SIGTERM (a checkpoint was saved first). Expected
-errors print one `error: ...` message and no traceback.
+Exit codes (the README's table, seg/errors.py): 0 finished; 1 the loss became NaN/Inf (or a bug, with its
+traceback); 2 bad config or arguments, missing or unreadable data, a bad checkpoint to resume; 128 + signal number
+when stopped by SIGINT/SIGTERM (a checkpoint was saved first). Expected errors print one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from seg.checkpoint import latest_checkpoint
 from seg.config import ConfigError, dump_yaml, load_config
-from seg.engine import elastic_restart_count, finish, init_distributed, train
-from seg.errors import UserError, error_message
+from seg.engine import NonFiniteLossError, elastic_restart_count, finish, init_distributed, train
+from seg.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, UserError, error_message
 from seg.tasks import TASKS
 
 RUNS = Path("checkpoints")
@@ -58,37 +58,37 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.opts)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     work_dir = Path(args.work_dir or cfg.work_dir or RUNS / Path(args.config).stem)
     try:
         info = init_distributed(args.device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     resume = args.resume
     if resume is None and elastic_restart_count() > 0 and latest_checkpoint(work_dir) is not None:
         # torchrun --max-restarts restarted the workers after a failure: continue where the last save was.
         resume = True
     if info.is_main:
         print(dump_yaml(cfg), flush=True)
-    code = 0
+    code = EXIT_OK
     try:
         result = train(cfg, info, work_dir, resume=resume, show_progress=not args.no_progress)
         if result.status == "interrupted":
-            code = 128 + int(getattr(signal, result.signal_name or "SIGTERM", signal.SIGTERM))
+            code = EXIT_SIGNAL_BASE + int(getattr(signal, result.signal_name or "SIGTERM", signal.SIGTERM))
         elif info.is_main:
             best = "n/a" if result.best_metric is None else f"{100 * result.best_metric:.2f}"
             label = TASKS[cfg.task].metric_label
             print(f"done: {result.iteration} iterations, best val {label} {best}; checkpoints in {work_dir}")
-    except ConfigError as e:
+    except NonFiniteLossError as e:  # the training itself failed (a study counts it as diverged)
         print(f"error: {error_message(e)}", file=sys.stderr)
-        code = 2
-    except UserError as e:
+        code = EXIT_FAILED
+    except UserError as e:  # ConfigError included
         print(f"error: {error_message(e)}", file=sys.stderr)
-        code = 1
+        code = EXIT_USER_ERROR
     except Exception:
         traceback.print_exc()
-        code = 1
+        code = EXIT_FAILED
     finish(info, code)  # under torchrun: destroy the group and os._exit, never a gloo abort at shutdown
     return code
 
