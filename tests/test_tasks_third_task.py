@@ -59,6 +59,10 @@ class ToyRegressionTask(Task):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.mse_loss(outputs.float(), targets)
 
+    @classmethod
+    def format_metric(cls, value: float) -> str:
+        return f"{value:.4f}"  # not a fraction: no percentage
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
                  *, progress: bool = False) -> dict[str, Any]:
@@ -121,7 +125,8 @@ def test_it_trains_and_evaluates_through_the_tools(toy_task, tmp_path: Path, cap
     assert [r["iteration"] for r in vals] == [3, 6]
     losses = [r["loss"] for r in records if r["event"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0]  # the linear fit learns
-    assert "best val -MSE" in capsys.readouterr().out
+    best = max(r["neg_mse"] for r in vals)
+    assert f"best val -MSE {best:.4f};" in capsys.readouterr().out
     assert {"last.pth", "best.pth"} <= {p.name for p in run.iterdir()}
 
     out = tmp_path / "eval"
@@ -137,3 +142,4 @@ def test_it_trains_and_evaluates_through_the_tools(toy_task, tmp_path: Path, cap
         expected = -(model(x) - y).square().mean().item()
     assert report["metrics"]["neg_mse"] == pytest.approx(expected, rel=1e-6)
     assert report["metrics"]["num_images"] == 8
+    assert f"-MSE {expected:.4f}" in capsys.readouterr().out  # the task's summary line

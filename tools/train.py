@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
         if result.status == "interrupted":
             code = EXIT_SIGNAL_BASE + int(getattr(signal, result.signal_name or "SIGTERM", signal.SIGTERM))
         elif info.is_main:
-            best = "n/a" if result.best_metric is None else f"{100 * result.best_metric:.2f}"
-            label = TASKS[cfg.task].metric_label
-            print(f"done: {result.iteration} iterations, best val {label} {best}; checkpoints in {work_dir}")
+            task = TASKS[cfg.task]
+            best = "n/a" if result.best_metric is None else task.format_metric(result.best_metric)
+            print(f"done: {result.iteration} iterations, best val {task.metric_label} {best}; "
+                  f"checkpoints in {work_dir}")
     except NonFiniteLossError as e:  # the training itself failed (a study counts it as diverged)
         print(f"error: {error_message(e)}", file=sys.stderr)
         code = EXIT_FAILED

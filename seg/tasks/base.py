@@ -75,9 +75,14 @@ class Task(ABC):
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
         """What the writers record of a validation (rank 0 only)."""
 
+    @classmethod
+    def format_metric(cls, value: float) -> str:
+        """A value of ``metric`` as the tools print it (default: a fraction shown as a percentage, 65.10)."""
+        return f"{100 * value:.2f}"
+
     def summary(self, metrics: dict[str, Any]) -> str:
         """What ``tools/eval.py`` prints of :meth:`evaluate`'s metrics (default: the task's metric)."""
-        return f"{self.metric_label} {100 * metrics[self.metric]:.2f}"
+        return f"{self.metric_label} {self.format_metric(metrics[self.metric])}"
 
     def limit_val(self, val_set: Dataset) -> Dataset:
         """The first ``train.val_max_images`` samples of ``val_set`` (all when unset): what the loop validates on."""
