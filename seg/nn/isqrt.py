@@ -65,39 +65,45 @@ def isqrt_newton_schulz_fast(a: torch.Tensor, n_iter: int) -> torch.Tensor:
 
 # The imaginary step of the complex-step derivative: q(λ + ih) = q(λ) + ih·q'(λ) + O(h²), exact to rounding
 # for a polynomial evaluated in complex128 (no difference quotient, so no cancellation).
-_STEP = 1e-30
+_STEP = 2.0**-100  # ≈ 7.9e-31; a power of two: h, 2h and 1/h are exact in float32 and float64
 
 
 def _scalar_newton_schulz(lam: torch.Tensor, n_iter: int) -> torch.Tensor:
     """q(λ) + ih·q'(λ) (complex128): the Newton–Schulz recursion on scalars (``y = λ, z = 1``, then
     ``t = ½(3 − zy); y ← yt; z ← tz``), elementwise, at ``λ + ih``."""
     y = lam.to(torch.complex128).add_(_STEP * 1j)
-    t = torch.rsub(y, 1.5, alpha=0.5)  # the first step: z = 1
-    z, y = t, y * t
-    half3 = torch.full_like(t, 1.5)
+    z = torch.rsub(y, 1.5, alpha=0.5)  # the first step: z = t = ½(3 − λ)
+    y = y * z
+    half3 = torch.full_like(z, 1.5)
     for k in range(1, n_iter):
         t = torch.addcmul(half3, z, y, value=-0.5)
-        z = z * t
         if k < n_iter - 1:
-            y = y * t
+            torch._foreach_mul_([z, y], [t, t])  # both updates in one launch
+        else:
+            z = z.mul_(t)
     return z
 
 
-def _divided_differences(lam: torch.Tensor, qz: torch.Tensor) -> torch.Tensor:
-    """``K_ij = (q(λ_i) − q(λ_j)) / (λ_i − λ_j)``, and the mean of ``q'(λ_i)``, ``q'(λ_j)`` where ``λ_i ≈ λ_j``
-    (float64; ``qz = q + ih·q'`` from :func:`_scalar_newton_schulz`).
+def _row(t: torch.Tensor) -> torch.Tensor:
+    """``t (..., n)`` as rows that broadcast against ``(..., n, n)`` (a view only for batches)."""
+    return t if t.dim() == 1 else t.unsqueeze(-2)
 
-    ``qz_i − conj(qz_j)`` holds both ``q_i − q_j`` and ``h·(q'_i + q'_j)``. The cancellation error of the quotient
-    is about 1e-16/δ relative for a relative gap δ; pairs closer than δ = 1e-7 take the mean derivative, whose
-    error is O(δ²).
+
+def _divided_differences(lam: torch.Tensor, q: torch.Tensor, hdq: torch.Tensor) -> torch.Tensor:
+    """``K_ij = (q(λ_i) − q(λ_j)) / (λ_i − λ_j)``, and the mean of ``q'(λ_i)``, ``q'(λ_j)`` where ``λ_i ≈ λ_j``
+    (``q`` and ``hdq = h·q'`` in float64, from :func:`_scalar_newton_schulz`; the result in float64).
+
+    The cancellation error of the quotient is about 1e-16/δ relative for a relative gap δ; pairs closer than
+    δ = 1e-7 take the mean derivative ``h(q'_i + q'_j)/2h``, whose error is O(δ²). The gaps are taken in λ's
+    dtype: a float32 gap is exact to float32's rounding, the precision the result is used at.
     """
-    lam64 = lam.double()
-    gap = lam64.unsqueeze(-1) - lam64.unsqueeze(-2)
-    size = lam64.abs()
-    close = gap.abs() <= 1e-7 * (size.unsqueeze(-1) + size.unsqueeze(-2))
-    pair = torch.view_as_real(qz.unsqueeze(-1) - qz.conj().unsqueeze(-2))
-    slope = pair[..., 0] / torch.where(close, 1.0, gap)
-    return torch.where(close, pair[..., 1] * (0.5 / _STEP), slope)
+    lam_col = lam.unsqueeze(-1)
+    gap = lam_col - _row(lam)
+    # |λ_i − λ_j| ≤ 1e-7·(|λ_i| + |λ_j|); |λ_i + λ_j| is the same sum where the signs agree, and pairs of opposite
+    # signs are never that close.
+    close = gap.abs() <= (lam_col + _row(lam)).abs_().mul_(1e-7)
+    num = torch.where(close, hdq.unsqueeze(-1) + _row(hdq), q.unsqueeze(-1) - _row(q))
+    return num / gap.masked_fill_(close, 2 * _STEP)
 
 
 class _IsqrtEigh(torch.autograd.Function):
@@ -108,30 +114,32 @@ class _IsqrtEigh(torch.autograd.Function):
         mu, vec = torch.linalg.eigh(a)
         c = torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
         lam = mu / c
-        qz = _scalar_newton_schulz(lam, n_iter)
-        q_dq = torch.view_as_real(qz)  # (..., 2): q and h·q'
+        q_dq = torch.view_as_real(_scalar_newton_schulz(lam, n_iter))  # (..., 2): q and h·q'
+        q = q_dq[..., 0]
         rc = c.rsqrt()
-        phi = q_dq[..., 0].to(a.dtype) * rc
-        out = _mm(vec * phi.unsqueeze(-2), vec.mT)
+        vec_t = vec.mT  # kept for the backward pass too
+        out = _mm(vec * _row(q.to(a.dtype) * rc), vec_t)
         if ctx.needs_input_grad[0]:
             # Everything the backward pass needs, in the eigenbasis (no n×n matrix beyond V and K kept):
             # the divided differences K of q and slope_c = λ·q' + ½q (∂φ/∂c = −slope_c/c^{3/2}).
-            k = _divided_differences(lam, qz).to(a.dtype)
-            slope_c = torch.addcmul(q_dq[..., 0] * 0.5, lam, q_dq[..., 1], value=1.0 / _STEP).to(a.dtype)
-            ctx.save_for_backward(vec, lam, k, slope_c, rc / c)
+            hdq = q_dq[..., 1]
+            k = _divided_differences(lam, q, hdq).to(a.dtype)
+            slope_c = torch.addcmul(q * 0.5, lam, hdq, value=1.0 / _STEP).to(a.dtype)
+            ctx.save_for_backward(vec, vec_t, lam, k, slope_c, rc / c)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        vec, lam, k, slope_c, rc3 = ctx.saved_tensors
+        vec, vec_t, lam, k, slope_c, rc3 = ctx.saved_tensors
         # In the eigenbasis (M = Vᵀ·G·V, G as it is, not its symmetric part, as autograd): for fixed c the
         # Daleckii–Krein term K ∘ M/c^{3/2}; c = ‖A‖_F adds s·A/c = s·V·diag(λ)·Vᵀ with
         # s = Σ_i M_ii·∂φ_i/∂c = −Σ_i M_ii·slope_c_i/c^{3/2}. One change of basis back for both.
-        m = _mm(_mm(vec.mT, grad), vec)
-        s = torch.linalg.vecdot(m.diagonal(dim1=-2, dim2=-1), slope_c).unsqueeze(-1)
+        m = _mm(_mm(vec_t, grad), vec)
+        s = torch.linalg.vecdot(m.diagonal(dim1=-2, dim2=-1), slope_c)
         inner = k * m
-        inner.diagonal(dim1=-2, dim2=-1).addcmul_(s, lam, value=-1.0)
-        return _mm(_mm(vec, inner * rc3.unsqueeze(-1)), vec.mT), None
+        inner.diagonal(dim1=-2, dim2=-1).addcmul_(s if s.dim() == 0 else s.unsqueeze(-1), lam, value=-1.0)
+        inner = inner * (rc3 if rc3.dim() == 1 else rc3.unsqueeze(-1))
+        return _mm(_mm(vec, inner), vec_t), None
 
 
 def isqrt_eigh(a: torch.Tensor, n_iter: int) -> torch.Tensor:
