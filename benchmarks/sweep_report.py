@@ -98,7 +98,7 @@ def run_meta(args, device: torch.device, threads: int) -> dict:
         precision="bf16 autocast" if device.type == "cuda" else "float32",
         encoder=args.encoder, archs=list(args.arch), output_strides=list(args.os), norms=list(args.norm),
         sizes=[workload_label(*w) for w in args.sizes], repeats=args.repeats, warmup=args.warmup,
-        isqrt_method=args.isqrt_method, memory=memory_what(device, args.memory),
+        isqrt_method=args.isqrt_method, keep_bn=list(args.keep_bn), memory=memory_what(device, args.memory),
         command="python " + " ".join(sys.argv), loadavg_start=round(os.getloadavg()[0], 2),
     )
 

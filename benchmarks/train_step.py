@@ -68,13 +68,20 @@ from common import (  # noqa: E402  (benchmarks/common.py)
 )
 
 import seg.tasks  # noqa: E402, F401  (importing it registers every task's config rules)
-from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, parse_override  # noqa: E402
+from seg.config import ConfigError, DeconvConfig, ModelConfig, from_dict, load_config, parse_override  # noqa: E402
 from seg.models import build_model  # noqa: E402
 from seg.nn import FastDeconv, fold_deconv  # noqa: E402
 
 # Every model.norm choice, in the config's order.
 NORM_CHOICES: tuple[str, ...] = next(f for f in dataclasses.fields(ModelConfig) if f.name == "norm").metadata["choices"]
 DEFAULT_NORMS = ["bn", "deconv"]
+# The deconvolution model of the Cityscapes configs (the paper's ND model: BatchNorm kept after each 1×1 shortcut
+# conv), read from the config so that the benchmark cannot drift from what users train.
+BENCHMARK_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deeplab_deconv.yaml"
+
+
+def default_keep_bn() -> list[str]:
+    return list(load_config(BENCHMARK_CONFIG).model.deconv.keep_bn)
 
 
 def parse_variant(text: str) -> DeconvConfig:
@@ -87,10 +94,12 @@ def parse_variant(text: str) -> DeconvConfig:
 
 
 def make_model(arch: str, encoder: str, output_stride: int, norm: str, isqrt_method: str,
-               device: torch.device, deconv: DeconvConfig | None = None) -> nn.Module:
+               device: torch.device, deconv: DeconvConfig | None = None, keep_bn: list[str] | None = None
+               ) -> nn.Module:
+    """``keep_bn``: the BatchNorm layers a deconvolution model keeps (``model.deconv.keep_bn``; None: none)."""
     torch.manual_seed(0)  # both norms start from the same conv weights
-    cfg = ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm,
-                      deconv=deconv or DeconvConfig())
+    deconv = dataclasses.replace(deconv or DeconvConfig(), keep_bn=list(keep_bn or []))
+    cfg = ModelConfig(arch=arch, encoder=encoder, output_stride=output_stride, norm=norm, deconv=deconv)
     model = build_model(cfg)
     if isqrt_method != "auto":
         for m in model.modules():
@@ -142,7 +151,8 @@ def memory_probe(spec: dict) -> dict:
     """
     torch.set_num_threads(spec["threads"])
     device = torch.device("cpu")
-    model = make_model(spec["arch"], spec["encoder"], spec["os"], spec["norm"], spec["isqrt_method"], device)
+    model = make_model(spec["arch"], spec["encoder"], spec["os"], spec["norm"], spec["isqrt_method"], device,
+                       keep_bn=spec["keep_bn"])
     x, target = batch_of(spec["batch"], spec["size"], device)
     step = TrainStep(model, x, target, device)
     with open("/proc/self/clear_refs", "w") as f:
@@ -241,12 +251,13 @@ def timings(fns: dict, device: torch.device, warmup: int, repeats: int, samples:
 def train_steps(arch: str, output_stride: int, args: argparse.Namespace, device: torch.device, x: torch.Tensor,
                 target: torch.Tensor) -> tuple[dict[str, nn.Module], dict[str, object]]:
     """The model of every norm and a training step of each (and of each deconvolution variant, per refresh cycle)."""
-    models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device) for n in args.norm}
+    models = {n: make_model(arch, args.encoder, output_stride, n, args.isqrt_method, device, keep_bn=args.keep_bn)
+              for n in args.norm}
     steps: dict[str, object] = {n: TrainStep(models[n], x, target, device) for n in args.norm}
     for name, deconv in args.variant.items():
         # A variant's cost is the mean over one refresh cycle: stats_every consecutive steps, timed together.
         variant = TrainStep(make_model(arch, args.encoder, output_stride, "deconv", args.isqrt_method, device,
-                                       deconv), x, target, device)
+                                       deconv, args.keep_bn), x, target, device)
         steps[name] = lambda variant=variant, k=deconv.stats_every: [variant() for _ in range(k)]
     return models, steps
 
@@ -260,7 +271,8 @@ def step_memory(arch: str, output_stride: int, args: argparse.Namespace, device:
             result = cuda_memory(steps[n], device)
         elif args.memory:
             spec = dict(arch=arch, encoder=args.encoder, os=output_stride, norm=n, batch=args.batch,
-                        size=list(args.size), threads=args.threads, isqrt_method=args.isqrt_method)
+                        size=list(args.size), threads=args.threads, isqrt_method=args.isqrt_method,
+                        keep_bn=args.keep_bn)
             result = cpu_memory(spec)
         else:
             continue
@@ -378,6 +390,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--isqrt-method", default="auto", choices=("auto", "iterate", "eigh"))
+    parser.add_argument("--keep-bn", nargs="*", metavar="PATTERN", default=None,
+                        help="BatchNorm layers the deconvolution model keeps (model.deconv.keep_bn); default: those "
+                             f"of {BENCHMARK_CONFIG.name} (after each 1x1 shortcut conv, as the paper's model); "
+                             "--keep-bn with no pattern: none")
     parser.add_argument("--norm", nargs="+", default=DEFAULT_NORMS, choices=NORM_CHOICES,
                         help="model.norm values to time side by side (bn, the baseline, is always timed)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
@@ -393,6 +409,8 @@ def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--repeats and --threads must be positive, --warmup at least 0")
     # bn first: the baseline of every ratio; each norm once.
     args.norm = list(dict.fromkeys(["bn", *args.norm]))
+    if args.keep_bn is None:
+        args.keep_bn = default_keep_bn()
     check_encoder(parser, args.encoder)
 
 
@@ -448,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     device, name = select_device(parser, args.device, args.threads)
     print(f"device={device} ({name}) encoder={args.encoder} input={args.batch}x3x{args.size[0]}x{args.size[1]} "
-          f"norms={','.join(args.norm)} isqrt={args.isqrt_method} warmup={args.warmup} repeats={args.repeats} "
+          f"norms={','.join(args.norm)} keep_bn={args.keep_bn} isqrt={args.isqrt_method} warmup={args.warmup} "
+          f"repeats={args.repeats} "
           f"torch={torch.__version__} loadavg={os.getloadavg()[0]:.2f}", flush=True)
     mem_what = "step peak above model, MiB" if device.type == "cuda" else "peak RSS / above build, MiB"
     if "deconv" in args.norm:

@@ -180,3 +180,22 @@ def test_memory_guard_extrapolates_the_last_workload() -> None:
     assert sweep.memory_guard(args, torch.device("cuda"), 4000, last) is None  # CUDA: out of memory is caught
     args.max_pixels = 2000
     assert "--max-pixels 2000" in sweep.memory_guard(args, cpu, 3000, None)
+
+
+def test_deconv_model_keeps_the_configs_shortcut_batchnorm_unless_told() -> None:
+    """The benchmarks time the deconvolution model users train: configs/deeplab_deconv.yaml's keep_bn (BatchNorm
+    after each 1×1 shortcut conv), read from that file; ``--keep-bn`` with no pattern: a model without BN."""
+    from seg.config import load_config
+
+    train_step = _benchmark_module("train_step")
+    keep = load_config(train_step.BENCHMARK_CONFIG).model.deconv.keep_bn
+    assert keep and train_step.parse_args([])[0].keep_bn == keep
+    assert train_step.parse_args(["--keep-bn"])[0].keep_bn == []
+    assert _benchmark_module("train_sweep").parse_args([])[0].keep_bn == keep
+
+    def batchnorms(keep_bn: list[str]) -> list[str]:
+        model = train_step.make_model("fcn", "resnet18", 16, "deconv", "auto", torch.device("cpu"), keep_bn=keep_bn)
+        return [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    assert batchnorms(keep) == [f"encoder.layer{i}.0.downsample.1" for i in (2, 3, 4)]  # ResNet-18's shortcuts
+    assert batchnorms([]) == []
