@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key, the file and what is 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Callable
@@ -25,8 +26,12 @@ class ConfigError(UserError, ValueError):
 
 # task name -> the task's own config rules (which model.arch, data.dataset, train.loss it takes; raise
 # ConfigError). The config knows no task by name: each task in seg/tasks/ registers itself when the package
-# seg.tasks is imported (seg.tasks.register_task), so a program imports seg.tasks before it reads a config.
+# seg.tasks is imported (seg.tasks.register_task). A program that reads a config before anything imported
+# seg.tasks (e.g. a library user's Predictor.from_checkpoint) gets them discovered on first use.
 TASK_RULES: dict[str, Callable[[Config], None]] = {}
+# The package whose import registers the tasks: named here, imported by name at run time (plugin discovery,
+# as entry points are), never by an import statement: seg.config stays below seg.tasks in the layers.
+TASKS_PACKAGE = "seg.tasks"
 
 
 def register_task_rules(name: str, check: Callable[[Config], None]) -> None:
@@ -289,8 +294,10 @@ class Config(_Section):
     work_dir: str | None = None  # default: checkpoints/<config file stem>
 
     def check(self) -> None:
+        if not TASK_RULES:
+            importlib.import_module(TASKS_PACKAGE)
         if self.task not in TASK_RULES:
-            known = ", ".join(TASK_RULES) or "none registered (import seg.tasks, which registers every task)"
+            known = ", ".join(TASK_RULES) or f"none registered (importing {TASKS_PACKAGE} registered none)"
             raise ConfigError(f"key 'task' has value {self.task!r}, expected one of {known}")
         TASK_RULES[self.task](self)
 

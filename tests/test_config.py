@@ -196,3 +196,27 @@ def test_override_errors_name_the_file() -> None:
 def test_task_decides_which_arch_and_dataset_fit(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_config(CONFIGS / "demo.yaml", overrides)
+
+
+def test_a_program_that_never_imported_the_tasks_still_reads_configs(tmp_path: Path) -> None:
+    """A library user reads a config (or a checkpoint's, through ``Predictor.from_checkpoint``) without importing
+    ``seg.tasks`` first: the tasks are found on first use, and their rules still apply."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from seg.config import ConfigError, load_config\n"
+        "assert 'seg.tasks' not in sys.modules\n"
+        f"cfg = load_config({str(root / 'configs' / 'demo.yaml')!r})\n"
+        "assert cfg.task == 'segmentation' and 'seg.tasks' in sys.modules\n"
+        "try:\n"
+        "    load_config(sys.argv[1], ['model.arch=resnet18'])\n"
+        "except ConfigError as e:\n"
+        "    print('rejected:', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(root / "configs" / "demo.yaml")], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "rejected:" in proc.stdout and "model.arch" in proc.stdout  # a classifier arch in a segmentation task
