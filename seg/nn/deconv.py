@@ -146,22 +146,15 @@ class _InterleavedFold(torch.autograd.Function):
     @staticmethod
     def _interleave(t: torch.Tensor, nf: int, per_row: int) -> torch.Tensor:
         """``(out, nf·per_row, ...)`` conv layout -> a new contiguous ``(out, per_row, nf)``: one row per (channel,
-        group). One strided copy (no chain of views)."""
+        group). One strided copy."""
         t = t if t.is_contiguous() else t.contiguous()  # e.g. an expanded gradient
-        return t.as_strided((t.shape[0], per_row, nf), (nf * per_row, 1, per_row)).clone(
-            memory_format=torch.contiguous_format)
+        return torch.as_strided_copy(t, (t.shape[0], per_row, nf), (nf * per_row, 1, per_row))
 
     @staticmethod
-    def _deinterleaved(rows: torch.Tensor, out: int, nf: int, per_row: int) -> torch.Tensor:
-        """The contiguous ``(out·per_row, nf)`` rows seen as ``(out, nf, per_row)`` (the conv layout's order; a
-        strided view)."""
-        return rows.as_strided((out, nf, per_row), (per_row * nf, 1, nf))
-
-    @staticmethod
-    def _to_conv_layout(view: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """A :meth:`_deinterleaved` view as a contiguous conv-layout tensor (the weight's gradient must keep the
-        parameter's layout: DDP buckets)."""
-        return view.clone(memory_format=torch.contiguous_format).view(shape)
+    def _deinterleave(rows: torch.Tensor, out: int, nf: int, per_row: int) -> torch.Tensor:
+        """Contiguous ``(out·per_row, nf)`` rows -> a new contiguous ``(out, nf, per_row)`` (the conv layout's
+        order: the weight's gradient must keep the parameter's layout, for DDP buckets). One strided copy."""
+        return torch.as_strided_copy(rows, (out, nf, per_row), (per_row * nf, 1, nf))
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, deconv: torch.Tensor, mean: torch.Tensor, per_row: int,
@@ -169,26 +162,34 @@ class _InterleavedFold(torch.autograd.Function):
         """``(W·D, shift)`` with ``shift = Σ W·D·μ``; given a ``bias``, ``(W·D, bias − shift)`` (the folded bias in
         the same launch)."""
         nf, out = deconv.shape[0], weight.shape[0]
-        ctx.save_for_backward(weight, deconv, mean)
-        ctx.per_row, ctx.sign = per_row, 1.0 if bias is None else -1.0
         if per_row == 1:
             rows = torch.mm(weight.reshape(out, nf), deconv)
             summed, folded = rows, rows.view(weight.shape)
         else:
             rows = torch.mm(_InterleavedFold._interleave(weight, nf, per_row).view(out * per_row, nf), deconv)
-            # Σ_r R[o, r]·μ: the rows of each output channel summed first, one matrix-vector product.
-            view = _InterleavedFold._deinterleaved(rows, out, nf, per_row)
-            summed, folded = view.sum(2), _InterleavedFold._to_conv_layout(view, weight.shape)
+            folded = _InterleavedFold._deinterleave(rows, out, nf, per_row)
+            # Σ_r R[o, r] (out, nf), for the shift Σ_r R[o, r]·μ (one matrix-vector product) and the mean's gradient.
+            summed, folded = folded.sum(2), folded.view(weight.shape)
         second = torch.mv(summed, mean) if bias is None else torch.addmv(bias, summed, mean, alpha=-1)
+        # Σ_r R[o, r] is (out, nf), 1/per_row of the weight: kept, the mean's gradient is one product.
+        ctx.save_for_backward(weight, deconv, mean, summed)
+        ctx.per_row, ctx.sign = per_row, 1.0 if bias is None else -1.0
         return folded, second
 
     @staticmethod
     def backward(ctx: Any, grad_folded: torch.Tensor | None,
                  grad_second: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        weight, deconv, mean = ctx.saved_tensors
+        weight, deconv, mean, summed = ctx.saved_tensors
         per_row, nf = ctx.per_row, deconv.shape[0]
         out = weight.shape[0]
         sign = ctx.sign
+        grad_weight = grad_deconv = grad_mean = None
+        if ctx.needs_input_grad[2] and grad_second is not None:
+            # ∂shift/∂μ = Σ_o g_o Σ_r R[o, r]: one product with the kept sum (beta=0: the input is ignored).
+            grad_mean = torch.addmv(mean, summed.t(), grad_second, beta=0, alpha=sign)
+        grad_bias = grad_second if len(ctx.needs_input_grad) == 5 and ctx.needs_input_grad[4] else None
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return grad_weight, grad_deconv, grad_mean, None, grad_bias
         # The gradient with respect to the folded rows R = W_rows·D (out·per_row, nf): from the conv weight, plus
         # the rank-one term of the shift Σ_r R[o, r]·μ (negative in the folded bias).
         if grad_folded is None:
@@ -203,27 +204,15 @@ class _InterleavedFold(torch.autograd.Function):
             else:
                 grad_rows.addcmul_(grad_second.view(out, 1, 1), mean, value=sign)
         grad_rows = grad_rows.view(out * per_row, nf)
-        deconv_t = deconv.t()
-        grad_weight = grad_deconv = grad_mean = None
         if ctx.needs_input_grad[0]:
-            grad_weight = torch.mm(grad_rows, deconv_t)
+            grad_weight = torch.mm(grad_rows, deconv.t())
             grad_weight = (grad_weight.view(weight.shape) if per_row == 1
-                           else _InterleavedFold._to_conv_layout(
-                               _InterleavedFold._deinterleaved(grad_weight, out, nf, per_row), weight.shape))
-        need_mean = ctx.needs_input_grad[2] and grad_second is not None
-        if ctx.needs_input_grad[1] or need_mean:
+                           else _InterleavedFold._deinterleave(grad_weight, out, nf, per_row).view(weight.shape))
+        if ctx.needs_input_grad[1]:
             w_rows = (weight.reshape(out, nf) if per_row == 1
-                      else _InterleavedFold._interleave(weight, nf, per_row))
-            if ctx.needs_input_grad[1]:
-                grad_deconv = torch.mm(w_rows.view(out * per_row, nf).t(), grad_rows)
-            if need_mean:
-                # ∂shift/∂μ = Σ_o g_o Σ_r R[o, r] = (gᵀ·Σ_r W_rows)·D: two vector products, not another W·D.
-                w_sum = w_rows if per_row == 1 else w_rows.sum(1)
-                v = torch.mv(w_sum.t(), grad_second)
-                grad_mean = torch.addmv(v, deconv_t, v, beta=0, alpha=sign)  # sign·Dᵀ·v (beta=0: v is not added)
-        if len(ctx.needs_input_grad) == 4:  # called without a bias
-            return grad_weight, grad_deconv, grad_mean, None
-        return grad_weight, grad_deconv, grad_mean, None, grad_second if ctx.needs_input_grad[4] else None
+                      else _InterleavedFold._interleave(weight, nf, per_row).view(out * per_row, nf))
+            grad_deconv = torch.mm(w_rows.t(), grad_rows)
+        return grad_weight, grad_deconv, grad_mean, None, grad_bias
 
 
 class FastDeconv(nn.Conv2d):
