@@ -75,14 +75,16 @@ class PatchSampler:
         (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
         return dh * (kh - 1) < sh and dw * (kw - 1) < sw
 
-    def _patches(self, padded: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _patches(self, padded: torch.Tensor, h: int, w: int, copy: bool = False) -> torch.Tensor:
         """The sampled patches of a padded ``(N, C, H + 2ph, W + 2pw)`` tensor as one strided view
-        ``(C, kh, kw, N, Ho, Wo)``: feature rows in unfold's order, then images, then positions."""
+        ``(C, kh, kw, N, Ho, Wo)``: feature rows in unfold's order, then images, then positions; ``copy``: as a new
+        contiguous tensor (one operation)."""
         (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
         n, c = padded.shape[:2]
         s0, s1, s2, s3 = padded.stride()
-        return padded.as_strided((c, kh, kw, n, *self._grid(h, w)), (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3),
-                                 padded.storage_offset())
+        strided = torch.as_strided_copy if copy else torch.as_strided
+        return strided(padded, (c, kh, kw, n, *self._grid(h, w)), (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3),
+                       padded.storage_offset())
 
     def gather(self, x: torch.Tensor, squeeze: bool = False) -> torch.Tensor:
         """The samples of ``x (N, C, H, W)`` as a new contiguous ``(G, nf, M)`` tensor (ours to modify);
@@ -93,7 +95,7 @@ class PatchSampler:
         else:
             ph, pw = self.padding
             padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-            samples = self._patches(padded, *x.shape[-2:]).clone(memory_format=torch.contiguous_format)
+            samples = self._patches(padded, *x.shape[-2:], copy=True)
         if squeeze and g == 1:
             return samples.view(self.num_features, -1)
         return samples.view(g, self.num_features, -1)
@@ -131,8 +133,7 @@ class PatchSampler:
         if x.stride(2) != w * x.stride(3):
             x = x.contiguous()
         s0, s1, _, s3 = x.stride()
-        view = x.as_strided((c, n, per_image), (s1, s0, step * s3), x.storage_offset())
-        return view.clone(memory_format=torch.contiguous_format)
+        return torch.as_strided_copy(x, (c, n, per_image), (s1, s0, step * s3), x.storage_offset())
 
     def scatter(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The adjoint of :meth:`gather`: ``grad (G, nf, M)`` summed back into an input-shaped tensor."""
@@ -219,6 +220,13 @@ class _SampledMoments(torch.autograd.Function):
                 grad_mean = summed_over_processes(grad_mean)
         # ∂/∂μ of the second moment is −(G + Gᵀ)·Σc, zero since the centred samples sum to zero: only the
         # mean's own gradient reaches the samples through μ, equally to each.
+        if ctx.second_grad and ctx.full and delta is None and not isinstance(count, torch.Tensor):
+            # The common case in one product: ∂mean/N + α·(G + Gᵀ)·c (beta scales the mean's gradient).
+            left = grad_second + grad_second.mT
+            product = torch.addmm if c.dim() == 2 else torch.baddbmm
+            alpha = 1.0 / count if ctx.cov else 1.0
+            grad_c = product(grad_mean.unsqueeze(-1), left, c, beta=1.0 / count, alpha=alpha)
+            return ctx.sampler.scatter(grad_c, ctx.shape), None, None, None, None, None, None
         per_sample = (grad_mean / count).unsqueeze(-1)
         if not ctx.second_grad:
             grad_c = per_sample.expand(ctx.samples_shape)
