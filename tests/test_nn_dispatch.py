@@ -103,8 +103,8 @@ def test_freeze_schedule_still_follows_a_loaded_counter():
 
 # Aten operations of one training step (forward and backward) of a 3×3 FastDeconv layer with the default
 # options on CPU (eigh form of the inverse square root). Issue 22 measured 596 before (with batch 2; it grew by
-# 54 per image); 140 after.
-LAYER_BUDGET = 145
+# 54 per image); 140 after batching, 102 after trimming the inverse square root, the fold and the statistics.
+LAYER_BUDGET = 105
 
 
 @pytest.mark.parametrize("name", ["3x3", "3x3 dilation 2 (overlap)", "1x1", "1x1 uneven offsets", "grouped",
@@ -160,8 +160,25 @@ def test_layers_reading_one_half_precision_input_share_one_float32_copy():
 # Aten operations of a DeepLabV3-ResNet50 OS 8 training step (forward, loss, backward) with deconvolution,
 # relative to the same step with BatchNorm (float32, CPU; the counts do not depend on the image size). Issue 22,
 # measured at 2×3×64×64: 27.6× before (22,948 against 833; it grew by 833 per image, about 33× at batch 8),
-# 10.1× after (8,440; no longer growing with the batch, as the per-layer tests check). The goal is 6×: not met.
-MODEL_BUDGET = 10.5
+# 10.1× after batching (8,440; no longer growing with the batch, as the per-layer tests check), 7.5× after
+# trimming (6,261).
+#
+# The goal of 6× (≤ 4,998) is not met, and is out of reach without changing the operator. The same network
+# without normalisation counts 533 (61 convolutions and their backward, ReLUs, adds, upsampling, loss, gradient
+# bookkeeping), so 6× leaves (4,998 − 533)/61 ≈ 73 operations per FastDeconv layer beyond its conv; they take
+# 94 on average now ((6,261 − 533)/61). A 3×3 layer takes 95 (the test above counts 102 with the input's clone,
+# the conv and its backward, the gradient seed and accumulation): forward 61 = counter 1, patch gather 3 (pad,
+# strided copy, view), mean and centring 2, covariance 3 (transpose, addmm, mean's view), eigh with ‖μ‖ and
+# λ = μ/c 3, the scalar Newton–Schulz recursion on the eigenvalues with its complex-step derivative 13
+# (n_iter = 5), φ = q/√c and D = V·diag(φ)·Vᵀ 8, the divided differences K for the backward pass 16, ∂φ/∂c and
+# c^{-3/2} 4, running-statistics update 1, fold W·D and bias 7; backward 34 = fold 14 (interleaved gradient with
+# the bias term, ∂W, ∂D, ∂μ), inverse square root 10 (two changes of basis, the ‖A‖ term), statistics 4,
+# scatter into the input 5, the input's two gradients summed 1. Each part is a few operations on whole tensors
+# (no loops): the count is set by the number of distinct steps of the operator — above all the exact inverse
+# square root (eigendecomposition, the scalar function and its divided differences: 54 of the 95) — not by
+# per-image or per-offset work. Getting to 6× would take dropping parts of the operator (the gradient through
+# D, ``matrix_grad=False``; fewer iterations) or fusing kernels (torch.compile), not rewriting it.
+MODEL_BUDGET = 7.7
 
 
 @pytest.mark.slow

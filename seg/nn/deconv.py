@@ -138,8 +138,9 @@ class _InterleavedFold(torch.autograd.Function):
     group ``r``, and every group is multiplied by the same ``D (nf, nf)``. Autograd through the plain form keeps
     two weight-sized intermediates per layer until the backward pass (the interleaved weight for ``∂D`` and
     ``W·D`` for ``∂μ``), on top of the folded weight the conv keeps; over a ResNet-50 that is hundreds of MB.
-    This Function keeps only its inputs and recomputes the interleaved weight in the backward pass (a copy).
-    Same products, same result as the plain form. Each product is one 2-D matmul on the interleaved rows:
+    This Function keeps its inputs and the small ``Σ_r W·D`` rows ``(out, nf)`` (for ``∂μ``), and recomputes the
+    interleaved weight in the backward pass (one strided copy). Same result as the plain form to rounding
+    (``∂μ`` from the kept rows). Each product is one 2-D matmul on the interleaved rows:
     a batched ``Dᵀ·W3`` over output channels avoids the copies but runs several times slower on CPU.
     """
 
