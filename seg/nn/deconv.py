@@ -148,6 +148,10 @@ class _InterleavedFold(torch.autograd.Function):
     def _interleave(t: torch.Tensor, nf: int, per_row: int) -> torch.Tensor:
         """``(out, nf·per_row, ...)`` conv layout -> a new contiguous ``(out, per_row, nf)``: one row per (channel,
         group). One strided copy."""
+        if torch.compiler.is_compiling():
+            # Inductor (torch 2.14) miscompiles these strided copies (a compiled float64 training step drifted
+            # 8% from eager, tests/test_engine_distributed.py); traced, the plain form costs nothing extra.
+            return t.reshape(t.shape[0], nf, per_row).transpose(1, 2).contiguous()
         t = t if t.is_contiguous() else t.contiguous()  # e.g. an expanded gradient
         return torch.as_strided_copy(t, (t.shape[0], per_row, nf), (nf * per_row, 1, per_row))
 
@@ -155,6 +159,8 @@ class _InterleavedFold(torch.autograd.Function):
     def _deinterleave(rows: torch.Tensor, out: int, nf: int, per_row: int) -> torch.Tensor:
         """Contiguous ``(out·per_row, nf)`` rows -> a new contiguous ``(out, nf, per_row)`` (the conv layout's
         order: the weight's gradient must keep the parameter's layout, for DDP buckets). One strided copy."""
+        if torch.compiler.is_compiling():  # as in _interleave
+            return rows.view(out, per_row, nf).transpose(1, 2).contiguous()
         return torch.as_strided_copy(rows, (out, nf, per_row), (per_row * nf, 1, nf))
 
     @staticmethod
