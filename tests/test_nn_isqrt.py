@@ -61,3 +61,18 @@ def test_float32_close_to_float64():
 def test_unknown_method():
     with pytest.raises(ValueError, match="method"):
         isqrt(torch.eye(3), 5, "svd")
+
+
+@pytest.mark.slow  # inductor compiles on the CPU: ~10 s
+def test_iterations_compiled_equal_eager():
+    # What GPUs run under train.compile. torch.add(I, P, alpha=-0.5) after a matmul came out wrong compiled
+    # (1.4 relative error), silently.
+    a = _spd(24, 200, seed=7)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    d1 = isqrt_newton_schulz_fast(a1, 5)
+    d2 = torch.compile(isqrt_newton_schulz_fast)(a2, 5)
+    torch.testing.assert_close(d2, d1, rtol=1e-12, atol=1e-12 * d1.abs().max().item())
+    grad = torch.randn_like(d1)
+    (g1,) = torch.autograd.grad(d1, a1, grad)
+    (g2,) = torch.autograd.grad(d2, a2, grad)
+    torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12 * g1.abs().max().item())

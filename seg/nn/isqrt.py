@@ -67,7 +67,8 @@ class _NewtonSchulzFast(torch.autograd.Function):
         ts, tps, zs = [], [], []
         z: torch.Tensor | None = None
         for k in range(n_iter):
-            t = torch.add(eye, p, alpha=-0.5)  # ½(3I − P)
+            # ½(3I − P). Not add(alpha=-0.5): inductor (torch 2.14) computes that one wrongly after a matmul.
+            t = torch.sub(eye, p, alpha=0.5)
             ts.append(t)
             if z is not None:
                 zs.append(z)
