@@ -103,7 +103,7 @@ def test_freeze_schedule_still_follows_a_loaded_counter():
 
 # Aten operations of one training step (forward and backward) of a 3×3 FastDeconv layer with the default
 # options on CPU (eigh form of the inverse square root). Issue 22 measured 596 before (with batch 2; it grew by
-# 54 per image); 140 after batching, 102 after trimming the inverse square root, the fold and the statistics.
+# 54 per image); 141 after batching, 102 after trimming the inverse square root, the fold and the statistics.
 # The iterations' form (``isqrt_method="iterate"``, what GPUs run) counted 178 before, 103 with its hand-written
 # backward pass.
 LAYER_BUDGET = 105
