@@ -107,6 +107,15 @@ def test_compile_mode_is_checked() -> None:
         TrainConfig(compile="reduce-overhead")  # CUDA graphs would replay FastDeconv's in-place statistics
 
 
+def test_train_channels_last_puts_the_model_in_channels_last(synthetic_root: Path, tmp_path: Path) -> None:
+    from tests.test_engine_trainer import CPU, tiny_cfg
+
+    run = trainer.build_run(tiny_cfg(synthetic_root, "train.channels_last=true"), CPU, tmp_path)
+    convs = [m.weight for m in run.model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+@pytest.mark.slow  # the demo's whole model, forward and backward twice in float64 (one layer: test_nn_deconv)
 def test_channels_last_model_and_gradients_match_the_default_layout(synthetic_root: Path, tmp_path: Path) -> None:
     from tests.test_engine_trainer import CPU, tiny_cfg
 

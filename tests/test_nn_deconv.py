@@ -846,3 +846,21 @@ def test_deconvolve_passes_norm_type_to_every_layer_and_fold_keeps_it():
         torch.testing.assert_close(folded(x), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="norm_type"):
         deconvolve(nn.Conv2d(8, 4, 1), norm_type="groupnorm")
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_channels_last_input_and_weight_give_the_default_layouts_values_and_gradients(name):
+    # The patch sampling reads the input's actual strides: an NHWC input (and weight, as
+    # train.channels_last makes them) must give what NCHW gives. Float64: agreement to rounding.
+    torch.manual_seed(0)
+    layers = [_layer(name), None]
+    layers[1] = copy.deepcopy(layers[0]).to(memory_format=torch.channels_last)
+    x = _input(name)
+    results = []
+    for layer, inp in zip(layers, (x, x.contiguous(memory_format=torch.channels_last))):
+        inp = inp.clone().requires_grad_()
+        y = layer(inp)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+        results.append((y.detach(), inp.grad, layer.weight.grad, layer.running_mean.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
