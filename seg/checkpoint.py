@@ -9,6 +9,7 @@ classification checkpoint) are read with :func:`read_weights`.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,30 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def same_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` hold what ``src`` holds without writing it again: a hard link (a copy where the filesystem
+    has none), put in place by ``os.replace`` like :func:`save_checkpoint`.
+
+    ``best.pth`` is usually the ``last.pth`` just written; linking skips a second serialisation of the whole
+    state. It stays correct because :func:`save_checkpoint` never writes into an existing file: the next
+    ``last.pth`` is a new file replacing the name, and the link keeps the old contents.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network or FAT filesystems)
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
 
 
 def _torch_load(path: Path, map_location: str | torch.device, what: str) -> Any:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from seg.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, same_checkpoint, save_checkpoint
 from seg.engine.checkpointer import capture_rng, params_finite, restore_rng
 
 
@@ -39,6 +39,27 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
         save_checkpoint({"model": {}, "config": {}, "bad": lambda: None}, path)
     assert load_checkpoint(path)["iteration"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_best_shares_last_and_keeps_it_when_last_moves_on(
+    tmp_path: Path, links: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not links:  # a filesystem without hard links: a copy
+        def no_link(*args, **kwargs):
+            raise OSError("hard links not supported")
+        monkeypatch.setattr("seg.checkpoint.os.link", no_link)
+    last, best = tmp_path / "last.pth", tmp_path / "best.pth"
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}, "iteration": 1}, best)  # an older best
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {}, "iteration": 2}, last)
+    assert same_checkpoint(last, best) == best
+    assert load_checkpoint(best)["iteration"] == 2
+    assert last.samefile(best) is links
+    save_checkpoint({"model": {"w": torch.full((2,), 3.0)}, "config": {}, "iteration": 3}, last)
+    assert load_checkpoint(last)["iteration"] == 3
+    kept = load_checkpoint(best)
+    assert kept["iteration"] == 2 and torch.equal(kept["model"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]  # no temporary file left
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg.checkpoint import BEST, LAST, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from seg.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    same_checkpoint,
+    save_checkpoint,
+)
 from seg.config import from_dict, to_dict
 from seg.engine.distributed import DistInfo, all_gather_objects
 from seg.errors import UserError
@@ -165,4 +173,4 @@ class Checkpointer:
             return
         save_checkpoint(state, self.work_dir / LAST)
         if best:
-            save_checkpoint(state, self.work_dir / BEST)
+            same_checkpoint(self.work_dir / LAST, self.work_dir / BEST)
