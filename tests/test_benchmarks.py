@@ -152,13 +152,14 @@ def test_sweep_options_are_checked(capsys: pytest.CaptureFixture) -> None:
     assert [f"{b}x{h}x{w}" for b, h, w in args.sizes] == train_step_defaults()
 
 
-@pytest.mark.parametrize("script, flag", [(SWEEP, []), (SCRIPT, ["--sweep"])])
-def test_sweep_check_args_in_both_spellings(script: Path, flag: list[str]) -> None:
-    # --check-args: the exact flags of the GPU check, validated without a device; nothing written.
-    proc = run(*flag, "--device", "cuda", "--archs", "deeplabv3", "--output-strides", "8", "--check-args",
-               "--sizes", "8x512x1024", "8x480x480", "--name", "n", "--out-dir", "/nonexistent/d", script=script)
-    assert proc.returncode == 0, proc.stderr
-    plan = json.loads(proc.stdout)
+@pytest.mark.parametrize("module, flag", [("train_sweep", []), ("train_step", ["--sweep"])])
+def test_sweep_check_args_in_both_spellings(module: str, flag: list[str], capsys: pytest.CaptureFixture) -> None:
+    # --check-args: the exact flags of the GPU check, validated without a device; nothing written. In process:
+    # the GPU check's dry run (tests/test_gpu_check.py) runs the script as a command.
+    _benchmark_module(module).main([*flag, "--device", "cuda", "--archs", "deeplabv3", "--output-strides", "8",
+                                    "--check-args", "--sizes", "8x512x1024", "8x480x480", "--name", "n",
+                                    "--out-dir", "/nonexistent/d"])
+    plan = json.loads(capsys.readouterr().out)
     assert plan["sizes"] == ["8x480x480", "8x512x1024"] and plan["arch"] == ["deeplabv3"] and plan["os"] == [8]
     assert plan["writes"][0] == "/nonexistent/d/n.md"
 

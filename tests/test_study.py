@@ -431,6 +431,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a train.py subprocess
 def test_a_failing_run_is_recorded_and_the_study_exits_1(tmp_path: Path, synthetic_root: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     # The config is valid, the data root is not there: train.py fails (exit 2) with no 'diverged' record.

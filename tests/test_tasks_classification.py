@@ -154,6 +154,7 @@ def test_cifar_training_writes_top1_top5(standin: Path, tmp_path: Path, capsys: 
     assert limited.last_val["num_images"] == 5
 
 
+@pytest.mark.slow  # the engine's resume is checked in the fast tier by tests/test_engine_trainer.py
 def test_cifar_resume_equals_an_uninterrupted_run(standin: Path, tmp_path: Path) -> None:
     # 40 images at batch 8: 5 iterations per epoch; stopping after 3 resumes mid-epoch.
     cfg = tiny_cifar(standin, "train.iterations=5", "train.val_interval=100")

@@ -81,39 +81,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_root: Path, tmp_
     assert 1 <= ckpt["iteration"] < 100000
 
 
-def test_config_error_exits_2_naming_the_key() -> None:
-    # Every kind of config error is covered in-process by tests/test_config.py; this checks the exit path.
-    proc = subprocess.run(
-        [sys.executable, "tools/train.py", "configs/demo.yaml", "--opts", "train.lrr=0.1"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "train.lrr" in proc.stderr and "Traceback" not in proc.stderr
+def test_config_error_exits_2_naming_the_key(capsys: pytest.CaptureFixture) -> None:
+    # Every kind of config error is covered by tests/test_config.py; this checks the tool's exit path (in process:
+    # the exit code as a process gives it is tests/test_tools_errors.py's test_expected_failure_as_a_process).
+    assert _train_tool(["configs/demo.yaml", "--opts", "train.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "Traceback" not in err
 
 
-def test_missing_dataset_message(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/train.py",
-            "configs/demo.yaml",
-            "--device",
-            "cpu",
-            "--work-dir",
-            str(tmp_path / "run"),
-            "--opts",
-            f"data.root={tmp_path / 'nowhere'}",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "make demo" in proc.stderr and "nowhere" in proc.stderr  # a user error
+def test_missing_dataset_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["configs/demo.yaml", "--device", "cpu", "--work-dir", str(tmp_path / "run"),
+            "--opts", f"data.root={tmp_path / 'nowhere'}"]
+    assert _train_tool(argv) == 2  # a user error
+    err = capsys.readouterr().err
+    assert "make demo" in err and "nowhere" in err and "Traceback" not in err
 
 
 def _train_workers(pid: int) -> list[int]:
