@@ -42,6 +42,18 @@ def group_on_cuda() -> bool:
     return group_initialized() and "nccl" in str(dist.get_backend())
 
 
+def barrier(device: torch.device | None = None) -> None:
+    """Wait until every process gets here (nothing in a single process). ``device``: this process's CUDA device
+    under NCCL (default: the current one)."""
+    if not is_distributed():
+        return
+    if group_on_cuda():
+        index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+        dist.barrier(device_ids=[index])
+    else:
+        dist.barrier()
+
+
 def sum_counts(tensor: torch.Tensor) -> torch.Tensor:
     """Counts (e.g. a confusion matrix) summed over all processes, on ``tensor``'s device (``tensor`` itself in one
     process; no autograd: the differentiable sums of the layers are in :mod:`seg.nn.sync`).

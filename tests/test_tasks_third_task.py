@@ -7,6 +7,7 @@ MSE (higher is better, as the checkpointer's best.pth expects).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from seg.config import TASK_RULES, Config, ConfigError, check_choice, from_dict, load_config
 from seg.distributed import sum_counts
 from seg.events import Event
-from seg.tasks import TASKS, Task, register_task
+from seg.tasks import TASKS, EvalRequest, Task, register_task
 from tools import eval as eval_tool
 from tools import train as train_tool
 
@@ -72,6 +73,13 @@ class ToyRegressionTask(Task):
                                  dtype=torch.float64)
         total, count = sum_counts(sums).tolist()
         return {"neg_mse": -total / count, "num_images": int(count)}
+
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> list[str]:
+        return [parser.add_argument("--toy-tag", help="a label the toy evaluation copies into its report").dest]
+
+    def evaluate_checkpoint(self, model: nn.Module, trained: Config, request: EvalRequest) -> dict[str, Any]:
+        return {**super().evaluate_checkpoint(model, trained, request), "tag": request.options["toy_tag"]}
 
     def val_event(self, iteration: int, metrics: dict[str, Any], model: nn.Module, device: torch.device) -> Event:
         return Event("val", iteration, record={"neg_mse": metrics["neg_mse"]},
@@ -143,3 +151,18 @@ def test_it_trains_and_evaluates_through_the_tools(toy_task, tmp_path: Path, cap
     assert report["metrics"]["neg_mse"] == pytest.approx(expected, rel=1e-6)
     assert report["metrics"]["num_images"] == 8
     assert f"-MSE {expected:.4f}" in capsys.readouterr().out  # the task's summary line
+    # Its own evaluation option reaches its evaluation; another task's option is refused, naming it.
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main([str(_config(tmp_path)), str(run / "last.pth"), "--device", "cpu", "--out", str(out),
+                        "--toy-tag", "t1"])
+    assert e.value.code == 0 and json.loads((out / "metrics.json").read_text())["tag"] == "t1"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main([str(_config(tmp_path)), str(run / "last.pth"), "--device", "cpu", "--flip"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --flip: not options of a toy_regression model's evaluation")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # another task's config: refused
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main([str(demo), str(run / "last.pth"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a segmentation config" in err and "toy_regression model" in err

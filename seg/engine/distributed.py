@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seg.distributed import barrier as process_barrier
 from seg.distributed import group_initialized
 from seg.errors import UserError
 
@@ -79,11 +80,9 @@ def init_distributed(device_name: str | None = None, timeout_min: float = 30.0) 
 
 
 def barrier(info: DistInfo) -> None:
-    if info.distributed and group_initialized():
-        if info.device.type == "cuda":
-            dist.barrier(device_ids=[info.device.index])
-        else:
-            dist.barrier()
+    """Wait for every process of ``info``'s run (:func:`seg.distributed.barrier` on its device)."""
+    if info.distributed:
+        process_barrier(info.device)
 
 
 def all_gather_objects(obj: object, info: DistInfo) -> list[object]:

@@ -10,7 +10,7 @@ import pkgutil
 from torch import nn
 
 from seg.config import Config
-from seg.tasks.base import TASKS, DataRootError, Task, register_task
+from seg.tasks.base import TASKS, DataRootError, EvalRequest, Task, register_task
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -27,4 +27,4 @@ def untrained_model(cfg: Config) -> nn.Module:
     return build_task(cfg).build_model(load_pretrained=False)
 
 
-__all__ = ["TASKS", "DataRootError", "Task", "build_task", "register_task", "untrained_model"]
+__all__ = ["TASKS", "DataRootError", "EvalRequest", "Task", "build_task", "register_task", "untrained_model"]

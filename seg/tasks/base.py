@@ -8,7 +8,12 @@ its config rules (:meth:`Task.check_config`) and its checkpoint evaluation (:met
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -16,12 +21,31 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.config import Config, register_task_rules
+from seg.distributed import is_main_process, world_size
 from seg.errors import UserError
+from seg.evaluation import build_eval_loader
 from seg.events import Event
+from seg.nn import fold_deconv
 
 
 class DataRootError(UserError):
     """The configured dataset is missing or unusable (the dataset's message plus what to do)."""
+
+
+@dataclass
+class EvalRequest:
+    """What ``tools/eval.py`` asks of a checkpoint evaluation: the task-independent part of its command line,
+    and ``options``, the task's own options (:meth:`Task.add_eval_arguments`) by name."""
+
+    config_path: str
+    checkpoint: str
+    split: str
+    out_dir: Path
+    device: torch.device
+    fold: bool = True  # eval-mode deconvolution folded into plain convs (the same outputs, faster)
+    batch_size: int | None = None  # default: eval.batch_size
+    num_workers: int | None = None  # default: data.num_workers
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -83,6 +107,39 @@ class Task(ABC):
     def summary(self, metrics: dict[str, Any]) -> str:
         """What ``tools/eval.py`` prints of :meth:`evaluate`'s metrics (default: the task's metric)."""
         return f"{self.metric_label} {self.format_metric(metrics[self.metric])}"
+
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> list[str]:
+        """Add the task's own ``tools/eval.py`` options to ``parser``; returns their names (argparse ``dest``).
+        Default: none."""
+        return []
+
+    def evaluate_checkpoint(self, model: nn.Module, trained: Config, request: EvalRequest) -> dict[str, Any]:
+        """``tools/eval.py``: ``model`` (rebuilt from ``trained``, the checkpoint's config) on ``request.split``
+        of this task's data, each sample once across processes; prints the summary and returns the report that
+        goes to ``metrics.json`` (empty on processes other than the main one).
+
+        Default: :meth:`evaluate` with the checkpoint's model settings (its classes) and this config's data.
+        """
+        task = type(self)(dataclasses.replace(self.cfg, model=trained.model))
+        dataset = task.build_eval_dataset(request.split)
+        workers = self.cfg.data.num_workers if request.num_workers is None else request.num_workers
+        loader = build_eval_loader(dataset, batch_size=request.batch_size or self.cfg.eval.batch_size,
+                                   num_workers=workers)
+        if request.fold:
+            model = fold_deconv(model)
+        if is_main_process():
+            request.out_dir.mkdir(parents=True, exist_ok=True)
+            print(f"evaluating {request.checkpoint} on {self.cfg.data.dataset} at {self.cfg.data.root} "
+                  f"[{request.split}]: {len(dataset)} images, {world_size()} process(es) on {request.device}")
+        start = time.perf_counter()
+        metrics = task.evaluate(model, loader, request.device, None, progress=True)
+        elapsed = time.perf_counter() - start
+        if not is_main_process():
+            return {}
+        print(task.summary(metrics))
+        return {"checkpoint": str(request.checkpoint), "split": request.split, "dataset": self.cfg.data.dataset,
+                "seconds": round(elapsed, 2), "metrics": metrics}
 
     def limit_val(self, val_set: Dataset) -> Dataset:
         """The first ``train.val_max_images`` samples of ``val_set`` (all when unset): what the loop validates on."""

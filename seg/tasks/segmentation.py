@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ from seg.events import Event
 from seg.inference import Predictor
 from seg.models import build_model
 from seg.models.build import ARCHS
-from seg.tasks.base import DataRootError, Task, register_task
+from seg.tasks import segmentation_eval
+from seg.tasks.base import DataRootError, EvalRequest, Task, register_task
 from seg.tasks.pixel_loss import pixel_loss
 from seg.visualize import colorize
 
@@ -83,6 +85,14 @@ class SegmentationTask(Task):
 
     def summary(self, metrics: dict[str, Any]) -> str:
         return f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['acc']:.2f}"
+
+    @classmethod
+    def add_eval_arguments(cls, parser: argparse.ArgumentParser) -> list[str]:
+        return segmentation_eval.add_eval_arguments(parser)
+
+    def evaluate_checkpoint(self, model: nn.Module, trained: Config, request: EvalRequest) -> dict[str, Any]:
+        # The Cityscapes evaluation: full resolution, TTA, the official evaluator (seg/tasks/segmentation_eval.py).
+        return segmentation_eval.evaluate_checkpoint(self.cfg, model, trained, request)
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         t = self.cfg.train
