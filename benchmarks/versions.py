@@ -3,7 +3,8 @@
     git worktree add /tmp/prev <commit>
     python benchmarks/versions.py --prev /tmp/prev [--layers "3x3 256->256" ...] [--layer-size 4 64 128]
                                   [--models deeplabv3:16 fcn:8 ...] [--model-sizes 2x256x512 8x480x480 ...]
-                                  [--repeats 5] [--warmup 1] [--threads 2] [--output PATH] [--check-args]
+                                  [--repeats 5] [--warmup 1] [--threads 2] [--no-counts] [--output PATH]
+                                  [--check-args]
 
 Times, with the repetitions interleaved (alternating the order, so that machine noise hits every variant alike):
 
@@ -107,10 +108,10 @@ def model_steps(mods: dict[str, dict[str, ModuleType]], arch: str, output_stride
     return {k: step(v) for k, v in models.items()}
 
 
-def measure(steps: dict, warmup: int, repeats: int) -> dict:
+def measure(steps: dict, warmup: int, repeats: int, count: bool = True) -> dict:
     samples = interleaved_samples(steps, torch.device("cpu"), warmup, repeats)
-    counts = {}
-    for k, fn in steps.items():
+    counts = {k: ("–", "–") for k in steps}  # the counts do not depend on the workload's size: optional
+    for k, fn in steps.items() if count else ():
         with OpCounter() as counter:
             fn()
         counts[k] = (counter.ops, counter.syncs)
@@ -167,7 +168,7 @@ def _model(text: str) -> tuple[str, int]:
     return arch, int(stride)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prev", type=Path, required=True, help="a checkout of the other commit (git worktree)")
     parser.add_argument("--layers", nargs="*", default=["3x3 256->256"], choices=list(LAYERS), metavar="LAYER",
@@ -178,9 +179,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-counts", action="store_true",
+                        help="skip counting aten operations (one more step of each variant, under a dispatch mode)")
     parser.add_argument("--output", type=Path, help="write PATH.md and PATH.json (after every workload)")
     parser.add_argument("--check-args", action="store_true", help="print the workloads (JSON) and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.prev / "seg" / "nn").is_dir():
         parser.error(f"--prev {args.prev}: no seg/nn there (make one with git worktree add)")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or min(args.layer_size) < 1:
@@ -191,7 +194,8 @@ def main() -> None:
         for arch, stride in args.models:
             workloads[f"{arch}-R50 OS {stride}, {b}×3×{h}×{w}"] = ("model", (arch, stride, [b, h, w]))
     if args.check_args:
-        print(json.dumps({"prev": str(args.prev), "workloads": list(workloads)}, ensure_ascii=False))
+        print(json.dumps({"prev": str(args.prev), "workloads": list(workloads), "counts": not args.no_counts},
+                         ensure_ascii=False))
         return
     torch.set_num_threads(args.threads)
     mods = {"old": load_seg(args.prev), "new": load_seg(HERE.parent)}
@@ -208,7 +212,7 @@ def main() -> None:
         else:
             steps, base = model_steps(mods, *spec), "BN"
             title = f"{name}, SGD training step"
-        results["workloads"][name] = measure(steps, args.warmup, args.repeats)
+        results["workloads"][name] = measure(steps, args.warmup, args.repeats, count=not args.no_counts)
         del steps
         gc.collect()
         out.append(table(title, results["workloads"][name], base))

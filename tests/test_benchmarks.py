@@ -200,3 +200,33 @@ def test_deconv_model_keeps_the_configs_shortcut_batchnorm_unless_told() -> None
 
     assert batchnorms(keep) == [f"encoder.layer{i}.0.downsample.1" for i in (2, 3, 4)]  # ResNet-18's shortcuts
     assert batchnorms([]) == []
+
+
+def test_versions_plans_every_workload_smallest_size_first(capsys: pytest.CaptureFixture) -> None:
+    versions = _benchmark_module("versions")
+    repo = str(BENCHMARKS.parent)
+    with pytest.raises(SystemExit) as exc:
+        versions.main(["--prev", repo, "--models", "deeplabv3:9"])
+    assert exc.value.code == 2 and "ARCH:OS" in capsys.readouterr().err
+    versions.main(["--prev", repo, "--layers", "3x3 64->64", "stem 7x7/2 3->64", "--layer-size", "2", "8", "8",
+                   "--models", "deeplabv3:8", "fcn:16", "--model-sizes", "2x64x64", "1x32x32", "--check-args"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["workloads"] == ["3x3 64->64 on 2×8×8×C", "stem 7x7/2 3->64 on 2×8×8×C",
+                                 "deeplabv3-R50 OS 8, 2×3×64×64", "fcn-R50 OS 16, 2×3×64×64",
+                                 "deeplabv3-R50 OS 8, 1×3×32×32", "fcn-R50 OS 16, 1×3×32×32"]
+
+
+@pytest.mark.slow  # two whole ResNet-50 models per version
+def test_versions_against_this_checkout_itself(tmp_path: Path) -> None:
+    # --prev is this checkout: "old" and "new" are the same code, so they count the same operations.
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "versions.py"), "--prev", str(BENCHMARKS.parent),
+                           "--layers", "3x3 64->64", "--layer-size", "2", "8", "8", "--models", "fcn:16",
+                           "--model-sizes", "2x32x32", "--repeats", "1", "--warmup", "0",
+                           "--output", str(tmp_path / "v")], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "v.json").read_text())["workloads"]
+    assert list(result) == ["3x3 64->64 on 2×8×8×C", "fcn-R50 OS 16, 2×3×32×32"]
+    for r in result.values():
+        assert r["counts"]["deconv old"] == r["counts"]["deconv new"] and r["new_over_old"] > 0
+    assert "| fcn-R50 OS 16, 2×3×32×32 |" in (tmp_path / "v.md").read_text()
