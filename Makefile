@@ -26,8 +26,10 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each one torch thread); a file's tests stay on
+# one worker, sharing its module fixtures.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The end-to-end tier (CI runs it after lint; about 6 minutes on 2 cores).
 test-slow: $(STAMP)

@@ -10,6 +10,13 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on two cores: one torch thread each, or the workers' thread
+    # pools would oversubscribe the cores.
+    torch.set_num_threads(1)
+
 import seg.tasks  # noqa: E402, F401  (importing it registers every task's config rules, as the tools do)
 from seg.config import Config, DataConfig, DeconvConfig, ModelConfig, to_dict  # noqa: E402
 
