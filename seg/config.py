@@ -39,7 +39,7 @@ def register_task_rules(name: str, check: Callable[[Config], None]) -> None:
     TASK_RULES[name] = check
 
 
-def opt(
+def checked_field(
     default: Any = dataclasses.MISSING,
     *,
     factory: Any = dataclasses.MISSING,
@@ -50,8 +50,7 @@ def opt(
     lt: float | None = None,
     length: int | None = None,
 ) -> Any:
-    """A config *field* with its checks (not the ``--opts`` command-line overrides): a choice, bounds (on the
-    value or on every list item), a list length.
+    """A config field with its checks: a choice, bounds (on the value or on every list item), a list length.
 
     The checks are data on the field, run by :meth:`_Section.__post_init__` for every section, so each
     rule is written once, next to the field it guards.
@@ -83,7 +82,7 @@ def _check_value(key: str, value: Any, rules: typing.Mapping[str, Any]) -> None:
 
 
 class _Section:
-    """Base of the config sections: checks every field's rules (see :func:`opt`) on construction."""
+    """Base of the config sections: checks every field's rules (see :func:`checked_field`) on construction."""
 
     _key: typing.ClassVar[str] = ""  # where the section sits in a config file, e.g. "model.deconv"
 
@@ -101,16 +100,16 @@ class DeconvConfig(_Section):
     """Settings of network deconvolution (``norm: deconv``); defaults are the reference's."""
 
     _key = "model.deconv"
-    block: int = opt(64, ge=1)
-    sampling_stride: int = opt(3, ge=1)
-    n_iter: int = opt(5, ge=1)
-    eps: float = opt(1e-5, gt=0)
-    momentum: float = opt(0.1, gt=0, le=1)
+    block: int = checked_field(64, ge=1)
+    sampling_stride: int = checked_field(3, ge=1)
+    n_iter: int = checked_field(5, ge=1)
+    eps: float = checked_field(1e-5, gt=0)
+    momentum: float = checked_field(0.1, gt=0, le=1)
     # The layer that sees the RGB image: more iterations (its covariance is ill-conditioned) and
     # statistics refreshed only periodically, as in the reference.
-    stem_n_iter: int = opt(15, ge=1)
+    stem_n_iter: int = checked_field(15, ge=1)
     stem_freeze: bool = True
-    stem_freeze_iter: int = opt(100, ge=1)
+    stem_freeze_iter: int = checked_field(100, ge=1)
     # Cross-process statistics; build_model turns it on by itself when the world size is above 1.
     sync: bool = False
     # Deconvolve the final 1x1 classifier too (the reference heads do).
@@ -118,16 +117,16 @@ class DeconvConfig(_Section):
     # Speed option that changes the mathematics (1 = off, the reference operator): every non-stem layer
     # computes its whitening matrix only every k training steps; in between it keeps the matrix, rescaled
     # to the batch's mean variance, with the batch's mean (see benchmarks/README.md for cost and mIoU).
-    stats_every: int = opt(1, ge=1)
+    stats_every: int = checked_field(1, ge=1)
     # Speed option that changes the mathematics (true = the reference): false treats every non-stem layer's
     # whitening matrix as a constant in the backward pass (the mean keeps its gradient).
     matrix_grad: bool = True
     # ND++ (Ye et al.'s follow-up): normalise each deconvolution layer's input per sample before its
     # statistics, in training and eval. none = the original operator.
-    norm_type: str = opt("none", choices=("none", "layernorm", "l1norm"))
+    norm_type: str = checked_field("none", choices=("none", "layernorm", "l1norm"))
     # BatchNorm layers to keep (shell-style patterns of module names, e.g. "*.downsample.1"): the reference's
     # ImageNet ResNets keep a BatchNorm after each shortcut conv. Empty: every BatchNorm is removed.
-    keep_bn: list[str] = opt(factory=list)
+    keep_bn: list[str] = checked_field(factory=list)
 
 
 @dataclass
@@ -135,10 +134,10 @@ class IterNormConfig(_Section):
     """Batch whitening (``norm: iternorm``; Huang et al., Iterative Normalization, CVPR 2019)."""
 
     _key = "model.iternorm"
-    num_channels: int = opt(64, ge=1)  # channels per whitened group (halved until it divides C)
-    T: int = opt(5, ge=1)  # Newton iterations
-    eps: float = opt(1e-5, gt=0)
-    momentum: float = opt(0.1, gt=0, le=1)
+    num_channels: int = checked_field(64, ge=1)  # channels per whitened group (halved until it divides C)
+    T: int = checked_field(5, ge=1)  # Newton iterations
+    eps: float = checked_field(1e-5, gt=0)
+    momentum: float = checked_field(0.1, gt=0, le=1)
 
 
 @dataclass
@@ -147,11 +146,11 @@ class ChannelDeconvConfig(_Section):
     ``ChannelDeconv``): the ablation without ND's spatial decorrelation."""
 
     _key = "model.channel_deconv"
-    block: int = opt(64, ge=1)
-    eps: float = opt(1e-2, gt=0)
-    n_iter: int = opt(5, ge=1)
-    momentum: float = opt(0.1, gt=0, le=1)
-    sampling_stride: int = opt(3, ge=1)
+    block: int = checked_field(64, ge=1)
+    eps: float = checked_field(1e-2, gt=0)
+    n_iter: int = checked_field(5, ge=1)
+    momentum: float = checked_field(0.1, gt=0, le=1)
+    sampling_stride: int = checked_field(3, ge=1)
 
 
 @dataclass
@@ -161,22 +160,22 @@ class ModelConfig(_Section):
     # segmentation, resnet18 or tv:resnet50 for classification).
     arch: str = "deeplabv3"
     encoder: str = "resnet50"  # any smp encoder name, e.g. resnet18, resnet101, tu-resnet50d
-    output_stride: int = opt(8, choices=(8, 16))
+    output_stride: int = checked_field(8, choices=(8, 16))
     # What replaces normalisation in the whole model (encoder and heads): deconv (network deconvolution in
     # every conv), bn (BatchNorm; SyncBatchNorm under torchrun on CUDA), gn (GroupNorm), iternorm (batch
     # whitening), channel_deconv (channel-only whitening), none (plain convs with bias).
-    norm: str = opt("deconv", choices=("deconv", "bn", "gn", "iternorm", "channel_deconv", "none"))
+    norm: str = checked_field("deconv", choices=("deconv", "bn", "gn", "iternorm", "channel_deconv", "none"))
     deconv: DeconvConfig = field(default_factory=DeconvConfig)
-    gn_groups: int = opt(32, ge=1)  # GroupNorm groups (norm: gn), as in the GroupNorm paper
+    gn_groups: int = checked_field(32, ge=1)  # GroupNorm groups (norm: gn), as in the GroupNorm paper
     iternorm: IterNormConfig = field(default_factory=IterNormConfig)
     channel_deconv: ChannelDeconvConfig = field(default_factory=ChannelDeconvConfig)
     aux_loss: bool = False  # auxiliary FCN head on the stride-16 stage
-    num_classes: int = opt(19, ge=1)
+    num_classes: int = checked_field(19, ge=1)
     pretrained: str | None = None  # local file of encoder or model weights; nothing is downloaded
     # Classification heads, as the paper's main.py: block_fc > 0 whitens the classifier's input in blocks of
     # that size (fc_whitening: delinear = a Delinear layer, channel_deconv = ChannelDeconv before a Linear).
-    block_fc: int = opt(0, ge=0)
-    fc_whitening: str = opt("delinear", choices=("delinear", "channel_deconv"))
+    block_fc: int = checked_field(0, ge=0)
+    fc_whitening: str = checked_field("delinear", choices=("delinear", "channel_deconv"))
 
 
 @dataclass
@@ -189,31 +188,31 @@ class DataConfig(_Section):
     root: str = "datasets/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
-    crop_size: list[int] = opt(factory=lambda: [512, 1024], length=2, ge=1)  # H, W
-    scale_range: list[float] = opt(factory=lambda: [0.5, 2.0], length=2, gt=0)  # min, max
+    crop_size: list[int] = checked_field(factory=lambda: [512, 1024], length=2, ge=1)  # H, W
+    scale_range: list[float] = checked_field(factory=lambda: [0.5, 2.0], length=2, gt=0)  # min, max
     # The other way to draw the training scale: the short side resized to a random integer in [min, max]
     # (the paper's code's RandomResize, e.g. [260, 1040] from its base size 520); scale_range must then be
     # [1.0, 1.0]. null: scale_range decides.
-    short_side_range: list[int] | None = opt(None, length=2, ge=1)
+    short_side_range: list[int] | None = checked_field(None, length=2, ge=1)
     # Where the image sits when padded up to the crop (image 0, label 255): center, or top_left (padding at
     # the bottom and right, after the flip, as the paper's code's RandomCrop does).
-    pad_position: str = opt("center", choices=("center", "top_left"))
-    hflip_prob: float = opt(0.5, ge=0, le=1)
+    pad_position: str = checked_field("center", choices=("center", "top_left"))
+    hflip_prob: float = checked_field(0.5, ge=0, le=1)
     # Photometric jitter strengths (0 disables each).
-    brightness: float = opt(0.25, ge=0)
-    contrast: float = opt(0.25, ge=0)
-    saturation: float = opt(0.25, ge=0)
-    hue: float = opt(0.0, ge=0, le=0.5)
-    mean: list[float] = opt(factory=lambda: [0.485, 0.456, 0.406], length=3)
-    std: list[float] = opt(factory=lambda: [0.229, 0.224, 0.225], length=3, gt=0)
-    num_workers: int = opt(4, ge=0)
+    brightness: float = checked_field(0.25, ge=0)
+    contrast: float = checked_field(0.25, ge=0)
+    saturation: float = checked_field(0.25, ge=0)
+    hue: float = checked_field(0.0, ge=0, le=0.5)
+    mean: list[float] = checked_field(factory=lambda: [0.485, 0.456, 0.406], length=3)
+    std: list[float] = checked_field(factory=lambda: [0.229, 0.224, 0.225], length=3, gt=0)
+    num_workers: int = checked_field(4, ge=0)
     # Validation images resized so that their short side is this (labels nearest), as the paper's code
     # validates at 520; null: full resolution (the benchmark).
-    val_short_side: int | None = opt(None, ge=1)
+    val_short_side: int | None = checked_field(None, ge=1)
     # trainid: the 19 Cityscapes classes, void ignored (255). reference: the paper's code's 21 classes, every
     # void label id class 0 (trained on and scored), the 19 classes 1..19, class 20 never a label; needs
     # model.num_classes 21 (seg/data/labels.py holds both mappings).
-    label_mapping: str = opt("trainid", choices=("trainid", "reference"))
+    label_mapping: str = checked_field("trainid", choices=("trainid", "reference"))
 
     def check(self) -> None:
         if self.scale_range[0] > self.scale_range[1]:
@@ -232,52 +231,53 @@ class DataConfig(_Section):
 @dataclass
 class TrainConfig(_Section):
     _key = "train"
-    batch_size: int = opt(8, ge=1)  # per process
-    iterations: int = opt(11160, ge=1)  # 30 epochs of 2975 images at batch 8
-    lr: float = opt(0.1, gt=0)
-    momentum: float = opt(0.9, ge=0, lt=1)
-    weight_decay: float = opt(1e-4, ge=0)
-    schedule: str = opt("poly", choices=("poly", "cosine"))  # learning-rate decay per iteration
-    poly_power: float = opt(0.9, ge=0)
-    warmup_iters: int = opt(0, ge=0)
-    warmup_ratio: float = opt(0.1, ge=0, le=1)
-    aux_weight: float = opt(0.4, ge=0)
-    grad_clip: float | None = opt(None, gt=0)  # max gradient norm (null: no clipping)
+    batch_size: int = checked_field(8, ge=1)  # per process
+    iterations: int = checked_field(11160, ge=1)  # 30 epochs of 2975 images at batch 8
+    lr: float = checked_field(0.1, gt=0)
+    momentum: float = checked_field(0.9, ge=0, lt=1)
+    weight_decay: float = checked_field(1e-4, ge=0)
+    schedule: str = checked_field("poly", choices=("poly", "cosine"))  # learning-rate decay per iteration
+    poly_power: float = checked_field(0.9, ge=0)
+    warmup_iters: int = checked_field(0, ge=0)
+    warmup_ratio: float = checked_field(0.1, ge=0, le=1)
+    aux_weight: float = checked_field(0.4, ge=0)
+    grad_clip: float | None = checked_field(None, gt=0)  # max gradient norm (null: no clipping)
     # auto (bf16 on CUDA if supported, else fp16; off on CPU) | bf16 | fp16 | none
-    amp: str = opt("auto", choices=("auto", "bf16", "fp16", "none"))
-    ignore_index: int = opt(255, ge=0)
+    amp: str = checked_field("auto", choices=("auto", "bf16", "fp16", "none"))
+    ignore_index: int = checked_field(255, ge=0)
     # Each task names the losses it takes (seg/tasks/<task>.py). ce: cross-entropy (both tasks). Classification
     # also l2, the reference's --loss L2: the squared error of the logits against one-hot targets, halved, summed
     # over classes and averaged over the batch. Segmentation also ohem: online hard example mining as
     # mmsegmentation's OHEMPixelSampler (seg/tasks/pixel_loss.py): pixels whose true-class probability is below
     # max(ohem_thresh, the ohem_min_kept-th smallest) train.
     loss: str = "ce"
-    ohem_thresh: float = opt(0.7, gt=0, le=1)
-    ohem_min_kept: int = opt(100000, ge=0)  # per step, over the whole batch (mmsegmentation's Cityscapes value)
+    ohem_thresh: float = checked_field(0.7, gt=0, le=1)
+    # per step, over the whole batch (mmsegmentation's Cityscapes value)
+    ohem_min_kept: int = checked_field(100000, ge=0)
     # Segmentation: a weight per class for the pixel loss (model.num_classes values; null: all 1).
-    class_weights: list[float] | None = opt(None, gt=0)
-    seed: int = opt(0, ge=0)
-    log_interval: int = opt(20, ge=1)
-    val_interval: int = opt(1000, ge=1)
-    checkpoint_interval: int = opt(500, ge=1)
-    val_max_images: int | None = opt(None, ge=1)  # validate on a subset (null: the whole split)
+    class_weights: list[float] | None = checked_field(None, gt=0)
+    seed: int = checked_field(0, ge=0)
+    log_interval: int = checked_field(20, ge=1)
+    val_interval: int = checked_field(1000, ge=1)
+    checkpoint_interval: int = checked_field(500, ge=1)
+    val_max_images: int | None = checked_field(None, ge=1)  # validate on a subset (null: the whole split)
     # CUDA: cudnn.benchmark (the fastest algorithms for the shapes seen) unless this asks for deterministic ones
     deterministic: bool = False
     channels_last: bool = False  # model and inputs in NHWC memory format (tensor-core convolutions prefer it)
     # torch.compile the training forward pass (torch's mode names; none: eager); no CUDA-graph modes: FastDeconv
     # updates its statistics in place and branches on its step counter. Validation stays eager.
-    compile: str = opt("none", choices=("none", "default", "max-autotune-no-cudagraphs"))
+    compile: str = checked_field("none", choices=("none", "default", "max-autotune-no-cudagraphs"))
 
 
 @dataclass
 class EvalConfig(_Section):
     _key = "eval"
-    mode: str = opt("whole", choices=("whole", "slide"))
-    crop_size: list[int] = opt(factory=lambda: [1024, 1024], length=2, ge=1)  # slide windows, H, W
-    stride: list[int] = opt(factory=lambda: [768, 768], length=2, ge=1)
-    scales: list[float] = opt(factory=lambda: [1.0], gt=0)
+    mode: str = checked_field("whole", choices=("whole", "slide"))
+    crop_size: list[int] = checked_field(factory=lambda: [1024, 1024], length=2, ge=1)  # slide windows, H, W
+    stride: list[int] = checked_field(factory=lambda: [768, 768], length=2, ge=1)
+    scales: list[float] = checked_field(factory=lambda: [1.0], gt=0)
     flip: bool = False
-    batch_size: int = opt(1, ge=1)
+    batch_size: int = checked_field(1, ge=1)
     # Also score the paper's code's way (NOT the benchmark metric): void is class 0 and counted, the mean of
     # all 21 IoUs (class 20 never occurs: IoU 0), at short side 520 (images resized there unless the data
     # already is). Reported as miou_reference next to the 19-class mIoU of the same predictions.
