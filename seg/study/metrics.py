@@ -40,4 +40,6 @@ def metric_for_task(task: str) -> StudyMetric:
     return StudyMetric(cls.metric, cls.metric_label, cls.secondary_metric, cls.secondary_label, cls.extra_metrics)
 
 
+# What a study.json written before studies recorded their metric compares: those were all segmentation studies
+# (seg/study/report.py reads old summaries with it; the functions that take a metric default to it).
 SEGMENTATION = metric_for_task("segmentation")
