@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,24 @@ class CheckpointError(UserError):
     """A checkpoint or weights file is missing, unreadable or not what was expected."""
 
 
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace(tmp, path)``: readers see the old file
+    or the new one, never a partial one; the temporary file never outlives a failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` through a temporary file and ``os.replace``.
 
@@ -34,17 +52,13 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        _fsync(tmp)
+
+    return _replace_atomically(path, write)
 
 
 def same_checkpoint(src: str | Path, dst: str | Path) -> Path:
@@ -55,20 +69,16 @@ def same_checkpoint(src: str | Path, dst: str | Path) -> Path:
     state. It stays correct because :func:`save_checkpoint` never writes into an existing file: the next
     ``last.pth`` is a new file replacing the name, and the link keeps the old contents.
     """
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
+    src = Path(src)
+
+    def write(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:  # no hard links here (some network or FAT filesystems)
             shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst
+            _fsync(tmp)
+
+    return _replace_atomically(Path(dst), write)
 
 
 def _torch_load(path: Path, map_location: str | torch.device, what: str) -> Any:
