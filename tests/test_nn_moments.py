@@ -92,3 +92,34 @@ def test_input_without_gradient_and_empty_batch():
     assert count.item() == 3 * 4 * 3 * 2  # 3 images · 4×3 sampled positions · 2 interleaved vectors
     with pytest.raises(ValueError, match="empty batch"):
         sampled_moments(x[:0], sampler, full=True)
+
+
+# Geometries where every sampled patch reads only every step-th row and column (the step divides the padding and
+# the dilation): ASPP's dilated 3×3, sizes that are not multiples of the step, a one-wide kernel axis.
+SUBSAMPLED = {
+    "ASPP-like 3x3 d6": ((3, 3), (6, 6), (6, 6), (3, 3), (20, 17)),
+    "dilation beyond the map": ((3, 3), (72, 72), (72, 72), (3, 3), (60, 61)),
+    "no padding": ((3, 3), (3, 3), (0, 0), (3, 3), (14, 16)),
+    "3x1, steps 3 and 2": ((3, 1), (6, 1), (3, 0), (3, 2), (13, 9)),
+    "per-axis dilation": ((3, 3), (6, 4), (6, 4), (3, 2), (19, 18)),
+}
+
+
+@pytest.mark.parametrize("name", list(SUBSAMPLED))
+def test_subsampled_sampling_equals_the_padded_form(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, dilation, padding, stride, size = SUBSAMPLED[name]
+    sampler = PatchSampler(kernel, dilation, padding, stride, 1, 4)
+    assert sampler._subsampled() is not None
+    x = torch.randn(2, 4, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = sampler.gather(x)
+    grad = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got_back = sampler.scatter(grad, x.shape)
+    # The samples as unfold takes them (every sampling-step-th patch of the padded input).
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    assert torch.equal(got.reshape(cols.shape[1], 2, -1), cols.transpose(0, 1))
+    # The padded form (the sampler without the shortcut) gives the same samples and the same adjoint.
+    monkeypatch.setattr(PatchSampler, "_subsampled", lambda self: None)
+    assert torch.equal(sampler.gather(x), got)
+    torch.testing.assert_close(got_back, sampler.scatter(grad, x.shape), rtol=0, atol=1e-12)
+    assert torch.dot(got.flatten(), grad.flatten()).item() == pytest.approx(
+        torch.dot(x.flatten(), got_back.flatten()).item(), rel=1e-12)

@@ -75,11 +75,29 @@ class PatchSampler:
         (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
         return dh * (kh - 1) < sh and dw * (kw - 1) < sw
 
-    def _patches(self, padded: torch.Tensor, h: int, w: int, copy: bool = False) -> torch.Tensor:
+    def _subsampled(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """(dilation, padding) on every ``stride``-th row and column of the input when the sampled patches read
+        only those: on each axis the step divides the padding and, for a kernel wider than one, the dilation.
+        Then the samples are the patches of ``x[..., ::sh, ::sw]`` at step 1 with dilation and padding divided
+        by the step, and the padded copy is sh·sw times smaller (ASPP's 3×3 at dilation 72, output stride 8, pads
+        a 60×60 map to 204×204 and reads one pixel in nine of it). None otherwise, or with step 1."""
+        if self.stride == (1, 1):
+            return None
+        dilation, padding = [], []
+        for k, d, p, s in zip(self.kernel, self.dilation, self.padding, self.stride):
+            if p % s or (k > 1 and d % s):
+                return None
+            dilation.append(d // s if k > 1 else 1)
+            padding.append(p // s)
+        return (dilation[0], dilation[1]), (padding[0], padding[1])
+
+    def _patches(self, padded: torch.Tensor, h: int, w: int, copy: bool = False,
+                 dilation: tuple[int, int] | None = None, stride: tuple[int, int] | None = None) -> torch.Tensor:
         """The sampled patches of a padded ``(N, C, H + 2ph, W + 2pw)`` tensor as one strided view
         ``(C, kh, kw, N, Ho, Wo)``: feature rows in unfold's order, then images, then positions; ``copy``: as a new
-        contiguous tensor (one operation)."""
-        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        contiguous tensor (one operation). ``dilation``/``stride``: in place of the sampler's (the subsampled
+        input of :meth:`_subsampled`); ``h``, ``w`` stay the input's, so the grid is the same."""
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, dilation or self.dilation, stride or self.stride
         n, c = padded.shape[:2]
         s0, s1, s2, s3 = padded.stride()
         strided = torch.as_strided_copy if copy else torch.as_strided
@@ -92,6 +110,11 @@ class PatchSampler:
         g = self._matrices(x.shape[1])
         if self.kernel == (1, 1):
             samples = self._pixels(x)
+        elif (sub := self._subsampled()) is not None:
+            dilation, (ph, pw) = sub
+            every = x[:, :, ::self.stride[0], ::self.stride[1]]
+            padded = F.pad(every, (pw, pw, ph, ph)) if ph or pw else every
+            samples = self._patches(padded, *x.shape[-2:], copy=True, dilation=dilation, stride=(1, 1))
         else:
             ph, pw = self.padding
             padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
@@ -152,7 +175,14 @@ class PatchSampler:
         ho, wo = self._grid(h, w)
         if not self._disjoint():
             cols = grad.reshape(c * kh * kw, n, ho * wo).transpose(0, 1)
-            return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+            sub = self._subsampled()
+            if sub is None:
+                return F.fold(cols, (h, w), self.kernel, self.dilation, self.padding, self.stride)
+            # Only every stride-th pixel was read: fold on that grid, the rest of the gradient is zero.
+            sh, sw = self.stride
+            out = grad.new_zeros(shape)
+            out[:, :, ::sh, ::sw] = F.fold(cols, (-(-h // sh), -(-w // sw)), self.kernel, sub[0], sub[1], 1)
+            return out
         # Patches do not overlap: every (padded) pixel is written at most once, by one strided copy.
         padded = grad.new_zeros(n, c, h + 2 * ph, w + 2 * pw)
         self._patches(padded, h, w).copy_(grad.reshape(c, kh, kw, n, ho, wo))
