@@ -864,3 +864,20 @@ def test_channels_last_input_and_weight_give_the_default_layouts_values_and_grad
         results.append((y.detach(), inp.grad, layer.weight.grad, layer.running_mean.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow  # torch.compile of a small model (seconds of compilation)
+def test_compiled_training_steps_are_not_recompiled_by_the_step_counters() -> None:
+    # The freeze and stats_every counters advance every step on the host; read by a compiled forward they
+    # would be guards, and every step would recompile until dynamo's limit sends the layer back to eager.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(FastDeconv(4, 8, 3, padding=1, block=4),
+                                FastDeconv(8, 8, 3, padding=1, block=8, stats_every=2)).train()
+    compiled = torch.compile(model)
+    x = torch.randn(2, 4, 12, 12)
+    for _ in range(2):  # the first refresh and the first rescaled step compile once each
+        compiled(x).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):
+            compiled(x).sum().backward()
+    assert model[0]._counter == 6 and int(model[0].counter) == 6

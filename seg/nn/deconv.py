@@ -402,6 +402,18 @@ class FastDeconv(nn.Conv2d):
         return (self.running_mean.view(g, self.num_features),
                 self.running_deconv.view(g, self.num_features, self.num_features))
 
+    @torch.compiler.disable
+    def _advance_schedule(self) -> tuple[bool, bool]:
+        """This training step's place in the host-side schedules: (frozen, refresh). The reference's freeze,
+        counted on the host (no device read): statistics while the count before the step is <= freeze_iter,
+        wrapping at 10·freeze_iter; then ``stats_every``'s refresh. Run eagerly under torch.compile: the counts
+        change every step, and a compiled forward that read them would be recompiled at every step."""
+        frozen = self.freeze and self._counter > self.freeze_iter
+        self._counter = (self._counter + 1) % (10 * self.freeze_iter)
+        with torch.no_grad():
+            self.counter.fill_(self._counter)
+        return frozen, not frozen and self._refresh_due()
+
     def _refresh_due(self) -> bool:
         """Whether this training step computes the full statistics (always, unless ``stats_every > 1``)."""
         if self.stats_every == 1:
@@ -492,12 +504,7 @@ class FastDeconv(nn.Conv2d):
                 w, b = self.folded()
             return self._conv(x, w, b)
 
-        # The reference's schedule, counted on the host (no device read): refresh while the count before
-        # the step is <= freeze_iter, wrap at 10·freeze_iter.
-        frozen = self.freeze and self._counter > self.freeze_iter
-        self._counter = (self._counter + 1) % (10 * self.freeze_iter)
-        with torch.no_grad():
-            self.counter.fill_(self._counter)
+        frozen, refresh = self._advance_schedule()
         with torch.autocast(x.device.type, enabled=False):
             scale: torch.Tensor | None = None
             if frozen:
@@ -505,7 +512,7 @@ class FastDeconv(nn.Conv2d):
             else:
                 # Statistics from the float32 normalised input, not from its cast back to bf16/fp16.
                 xs = xn if xn is not None else stats_input(x)
-                if self._refresh_due():
+                if refresh:
                     mean, deconv = self._batch_statistics(xs)
                     self._update_running(mean, deconv)
                 else:
