@@ -35,8 +35,8 @@ from seg.inference import load_checkpoint_model, pick_device
 from seg.tasks import TASKS, EvalRequest, build_task, untrained_model
 
 
-def _parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
-    """The command line, and the names of each task's own options (added by the task)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``task_options`` holds the names of each task's own options (added by the task)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (data root, eval settings)")
     p.add_argument("checkpoint", help="training checkpoint (.pth); its stored config rebuilds the model")
@@ -47,17 +47,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: CUDA when available")
     p.add_argument("--no-fold", action="store_true", help="keep deconvolution layers unfolded")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    return p, {name: task.add_eval_arguments(p) for name, task in TASKS.items()}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return _parser()[0].parse_args(argv)
+    p.set_defaults(task_options={name: task.add_eval_arguments(p) for name, task in TASKS.items()})
+    return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> int:
     cfg = load_config(args.config, args.opts)
     model, trained = load_checkpoint_model(args.checkpoint, info.device, build=untrained_model)
-    task_options = _parser()[1]
+    task_options = args.task_options
     given = [name for options in task_options.values() for name in options if getattr(args, name) not in (None, False)]
     foreign = [f"--{name.replace('_', '-')}" for name in given if name not in task_options[trained.task]]
     if foreign:
