@@ -88,6 +88,8 @@ def test_matches_reference_outputs(case, method):
 
 GEOMETRIES = {
     "1x1": dict(c=16, out=6, k=1, stride=1, padding=0, dilation=1, groups=1, block=8, hw=(9, 11)),
+    # 35 pixels, not a multiple of the sampling step 9: the images' samples start at different offsets.
+    "1x1_offsets": dict(c=16, out=6, k=1, stride=1, padding=0, dilation=1, groups=1, block=8, hw=(5, 7)),
     "3x3": dict(c=16, out=5, k=3, stride=1, padding=1, dilation=1, groups=1, block=4, hw=(10, 12)),
     "stem7x7_s2": dict(c=3, out=4, k=7, stride=2, padding=3, dilation=1, groups=1, block=64, hw=(16, 18)),
     "dilation2": dict(c=8, out=4, k=3, stride=1, padding=2, dilation=2, groups=1, block=8, hw=(11, 10)),
@@ -880,4 +882,17 @@ def test_compiled_training_steps_are_not_recompiled_by_the_step_counters() -> No
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(4):
             compiled(x).sum().backward()
-    assert model[0]._counter == 6 and int(model[0].counter) == 6
+    assert model[0]._counter == 6 and int(model[0].state_dict()["counter"]) == 6
+
+
+def test_counter_of_a_layer_without_freeze_is_saved_with_the_state():
+    # Without freeze the buffer is not written by every step; the state dict carries the count all the same.
+    layer = FastDeconv(4, 4, 3, padding=1, block=4)
+    for _ in range(3):
+        layer(torch.randn(1, 4, 6, 6))
+    state = layer.state_dict()
+    assert int(state["counter"]) == 3
+    fresh = FastDeconv(4, 4, 3, padding=1, block=4)
+    fresh.load_state_dict(state)
+    fresh(torch.randn(1, 4, 6, 6))
+    assert int(fresh.state_dict()["counter"]) == 4

@@ -50,6 +50,21 @@ def test_repeated_eigenvalues():
     torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clustered_eigenvalues_of_a_rank_deficient_covariance(dtype):
+    # 6 samples of 24 features: 18 eigenvalues equal to eps in exact arithmetic, a few rounding steps apart (or
+    # equal) once computed. The divided differences must not divide rounding noise by a gap of that size.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 24, generator=g, dtype=torch.float64) + 0.5
+    a = x.T @ x / 6 + 1e-3 * torch.eye(24, dtype=torch.float64)
+    grad = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    a1, a2 = a.clone().requires_grad_(), a.to(dtype).requires_grad_()
+    (g1,) = torch.autograd.grad(isqrt_newton_schulz(a1, 5), a1, grad)
+    (g2,) = torch.autograd.grad(isqrt_eigh(a2, 5), a2, grad.to(dtype))
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    assert ((g2.double() - g1).abs().max() / g1.abs().max()) < tol
+
+
 def test_float32_close_to_float64():
     a = _spd(64, 500, seed=4)
     ref = isqrt_newton_schulz(a, 5)

@@ -165,9 +165,10 @@ class _InterleavedFold(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, deconv: torch.Tensor, mean: torch.Tensor, per_row: int,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                bias: torch.Tensor | None = None, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W·D, shift)`` with ``shift = Σ W·D·μ``; given a ``bias``, ``(W·D, bias − shift)`` (the folded bias in
-        the same launch)."""
+        the same launch). ``symmetric``: ``D`` is symmetric up to rounding (a fresh whitening matrix, not running
+        statistics that may come from anywhere): the weight's gradient uses ``D`` for ``Dᵀ``."""
         nf, out = deconv.shape[0], weight.shape[0]
         if per_row == 1:
             rows = torch.mm(weight.reshape(out, nf), deconv)
@@ -180,7 +181,7 @@ class _InterleavedFold(torch.autograd.Function):
         second = torch.mv(summed, mean) if bias is None else torch.addmv(bias, summed, mean, alpha=-1)
         # Σ_r R[o, r] is (out, nf), 1/per_row of the weight: kept, the mean's gradient is one product.
         ctx.save_for_backward(weight, deconv, mean, summed)
-        ctx.per_row, ctx.sign = per_row, 1.0 if bias is None else -1.0
+        ctx.per_row, ctx.sign, ctx.symmetric = per_row, 1.0 if bias is None else -1.0, symmetric
         return folded, second
 
     @staticmethod
@@ -194,9 +195,9 @@ class _InterleavedFold(torch.autograd.Function):
         if ctx.needs_input_grad[2] and grad_second is not None:
             # ∂shift/∂μ = Σ_o g_o Σ_r R[o, r]: one product with the kept sum (beta=0: the input is ignored).
             grad_mean = torch.addmv(mean, summed.t(), grad_second, beta=0, alpha=sign)
-        grad_bias = grad_second if len(ctx.needs_input_grad) == 5 and ctx.needs_input_grad[4] else None
+        grad_bias = grad_second if len(ctx.needs_input_grad) >= 5 and ctx.needs_input_grad[4] else None
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return grad_weight, grad_deconv, grad_mean, None, grad_bias
+            return grad_weight, grad_deconv, grad_mean, None, grad_bias, None
         # The gradient with respect to the folded rows R = W_rows·D (out·per_row, nf): from the conv weight, plus
         # the rank-one term of the shift Σ_r R[o, r]·μ (negative in the folded bias).
         if grad_folded is None:
@@ -212,14 +213,15 @@ class _InterleavedFold(torch.autograd.Function):
                 grad_rows.addcmul_(grad_second.view(out, 1, 1), mean, value=sign)
         grad_rows = grad_rows.view(out * per_row, nf)
         if ctx.needs_input_grad[0]:
-            grad_weight = torch.mm(grad_rows, deconv.t())
+            # ∂R·Dᵀ (with D for Dᵀ when symmetric: a view less).
+            grad_weight = torch.mm(grad_rows, deconv if ctx.symmetric else deconv.t())
             grad_weight = (grad_weight.view(weight.shape) if per_row == 1
                            else _InterleavedFold._deinterleave(grad_weight, out, nf, per_row).view(weight.shape))
         if ctx.needs_input_grad[1]:
             w_rows = (weight.reshape(out, nf) if per_row == 1
                       else _InterleavedFold._interleave(weight, nf, per_row).view(out * per_row, nf))
             grad_deconv = torch.mm(w_rows.t(), grad_rows)
-        return grad_weight, grad_deconv, grad_mean, None, grad_bias
+        return grad_weight, grad_deconv, grad_mean, None, grad_bias, None
 
 
 class FastDeconv(nn.Conv2d):
@@ -317,8 +319,9 @@ class FastDeconv(nn.Conv2d):
         eye = torch.eye(self.num_features)
         self.register_buffer("running_deconv", eye.repeat(groups, 1, 1) if groups > 1 else eye)
         # A buffer (not a Python int) so that it survives state_dict round trips and resume. Training steps
-        # read the host-side copy (``_counter``, kept equal to the buffer, and reloaded with the state dict):
-        # deciding on the host from a device value would stall the GPU queue every step.
+        # read the host-side copy (``_counter``, reloaded with the state dict): deciding on the host from a device
+        # value would stall the GPU queue every step. The buffer follows it at every step with ``freeze`` and
+        # whenever the state dict is taken without.
         self.register_buffer("counter", torch.zeros((), dtype=torch.long))
         self._counter = 0
         self.stats_every = int(stats_every)
@@ -347,37 +350,44 @@ class FastDeconv(nn.Conv2d):
                             (self.sampling_stride * self.stride[0], self.sampling_stride * self.stride[1]),
                             self.groups, self.block)
 
-    def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch; with ``stats_every > 1``
-        also keeps the matrix and its scale for the rescaled steps that follow."""
-        mean, cov = self._moments(x, full=True)
+    def _batch_statistics(self, x: torch.Tensor, conv_input: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Mean ``(G, nf)`` and whitening matrices ``(G, nf, nf)`` of the current batch, and the alias of
+        ``conv_input`` the convolution must read (see :func:`seg.nn.moments.sampled_moments`; None without);
+        with ``stats_every > 1`` also keeps the matrix and its scale for the rescaled steps that follow."""
+        mean, cov, *alias = self._moments(x, full=True, conv_input=conv_input)
         deconv = isqrt(cov, self.n_iter, self.isqrt_method)
         if self.stats_every > 1:
             with torch.no_grad():
                 self.last_deconv.copy_(deconv.detach().reshape(self.last_deconv.shape))
                 self.last_scale.copy_(cov.detach().diagonal(dim1=-2, dim2=-1).mean(-1))
-        return mean, deconv
+        return mean, deconv, alias[0] if alias else None
 
-    def _rescaled_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Between refreshes: this batch's mean, the kept whitening (a constant) and the factor ``(G,)`` that
-        rescales it to this batch's variance."""
-        mean, var = self._moments(x, full=False)
+    def _rescaled_statistics(self, x: torch.Tensor, conv_input: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Between refreshes: this batch's mean, the kept whitening (a constant), the factor ``(G,)`` that
+        rescales it to this batch's variance, and the alias of ``conv_input`` (as ``_batch_statistics``)."""
+        mean, var, *alias = self._moments(x, full=False, conv_input=conv_input)
         g = self.last_scale.shape[0]
-        return mean, self.last_deconv.view(g, self.num_features, self.num_features), (self.last_scale / var).sqrt()
+        return (mean, self.last_deconv.view(g, self.num_features, self.num_features), (self.last_scale / var).sqrt(),
+                alias[0] if alias else None)
 
-    def _moments(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moments(self, x: torch.Tensor, full: bool, conv_input: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, ...]:
         """Mean ``(G, nf)`` and either the covariance ``(G, nf, nf)`` (``full``) or its mean diagonal ``(G,)``,
-        both with ``eps`` added, over all processes when ``sync`` is on."""
+        both with ``eps`` added, over all processes when ``sync`` is on; then the alias of ``conv_input`` when
+        given."""
         sync = self.sync and is_distributed()
         # Synced sums are taken about the running mean (the same on every process, close to the batch's).
         shift = self.running_mean.to(x.dtype) if sync else None
         # matrix_grad=False: the matrix (and its rescaling) is a constant: nothing recorded for the
         # covariance, the inverse square root or the fold's ∂D; the mean keeps its gradient.
         if full:
-            return sampled_covariance(x, self._sampler(), self.eps, sync, self.matrix_grad, shift)
-        mean, second, count = sampled_moments(x, self._sampler(), full, sync, self.matrix_grad, shift)
+            return sampled_covariance(x, self._sampler(), self.eps, sync, self.matrix_grad, shift, conv_input)
+        mean, second, count, *alias = sampled_moments(x, self._sampler(), full, sync, self.matrix_grad, shift,
+                                                       conv_input)
         # The mean variance only: O(M·nf) instead of the covariance's O(M·nf²).
-        return mean, second / (count * self.num_features) + self.eps
+        return mean, second / (count * self.num_features) + self.eps, *alias
 
     def _update_running(self, mean: torch.Tensor, deconv: torch.Tensor) -> None:
         """``running ← (1 − m)·running + m·batch`` for both statistics (one fused launch where dtypes agree)."""
@@ -389,6 +399,12 @@ class FastDeconv(nn.Conv2d):
                 return
             for buf, value in zip(running, (mean, deconv)):
                 buf.lerp_(value.to(buf.dtype), self.momentum)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if not self.freeze:  # the step count, kept on the host during training (see _advance_schedule)
+            with torch.no_grad():
+                self.counter.fill_(self._counter)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -410,8 +426,11 @@ class FastDeconv(nn.Conv2d):
         change every step, and a compiled forward that read them would be recompiled at every step."""
         frozen = self.freeze and self._counter > self.freeze_iter
         self._counter = (self._counter + 1) % (10 * self.freeze_iter)
-        with torch.no_grad():
-            self.counter.fill_(self._counter)
+        if self.freeze:
+            # Without freeze nothing reads the buffer during training: it is written when the state is saved
+            # (_save_to_state_dict), not by one more launch per layer and step.
+            with torch.no_grad():
+                self.counter.fill_(self._counter)
         return frozen, not frozen and self._refresh_due()
 
     def _refresh_due(self) -> bool:
@@ -426,10 +445,10 @@ class FastDeconv(nn.Conv2d):
 
     # -- folding ------------------------------------------------------------------------------
 
-    def _fold(self, mean: torch.Tensor, deconv: torch.Tensor,
-              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fold(self, mean: torch.Tensor, deconv: torch.Tensor, scale: torch.Tensor | None = None,
+              fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight ``W·D`` and bias ``b − Σ W·D·μ`` for means ``(G, nf)`` and matrices ``(G, nf, nf)``; with a
-        per-matrix ``scale (G,)``, of ``D·scale``."""
+        per-matrix ``scale (G,)``, of ``D·scale``. ``fresh``: ``D`` was just computed (symmetric up to rounding)."""
         dtype = deconv.dtype
         w = self.weight.to(dtype)
         out_c, nf = self.out_channels, self.num_features
@@ -438,9 +457,9 @@ class FastDeconv(nn.Conv2d):
             deconv, mean = deconv[0], mean[0]
         if self.groups == 1 and scale is None and bias is not None:
             # The default: weight and bias folded in one Function.
-            return _InterleavedFold.apply(w, deconv, mean, self.in_channels // self.block, bias)
+            return _InterleavedFold.apply(w, deconv, mean, self.in_channels // self.block, bias, fresh)
         if self.groups == 1:
-            wf, shift = _InterleavedFold.apply(w, deconv, mean, self.in_channels // self.block)
+            wf, shift = _InterleavedFold.apply(w, deconv, mean, self.in_channels // self.block, None, fresh)
         else:
             # Grouped convs: one matrix per conv group, no interleaving.
             wg = w.reshape(self.groups, out_c // self.groups, nf) @ deconv
@@ -512,16 +531,23 @@ class FastDeconv(nn.Conv2d):
             else:
                 # Statistics from the float32 normalised input, not from its cast back to bf16/fp16.
                 xs = xn if xn is not None else stats_input(x)
+                # Where the samples' gradient can be added in place into the convolution's input gradient (1×1
+                # sampling), the statistics hand the convolution its input: one strided add over the samples
+                # in the backward pass instead of an input-sized zero-filled gradient and an input-sized sum.
+                conv_input = x if (xn is None and x.requires_grad and torch.is_grad_enabled()
+                                   and self._sampler().adds_in_place(x.shape)) else None
                 if refresh:
-                    mean, deconv = self._batch_statistics(xs)
+                    mean, deconv, alias = self._batch_statistics(xs, conv_input)
                     self._update_running(mean, deconv)
                 else:
-                    mean, deconv, scale = self._rescaled_statistics(xs)
+                    mean, deconv, scale, alias = self._rescaled_statistics(xs, conv_input)
                     # Rescaled steps update them too: eval follows the weights at the pace of training.
                     self._update_running(mean, deconv * scale.detach().view(-1, 1, 1))
+                if alias is not None:
+                    x = alias
             stats_dtype = _stats_dtype(self.weight.dtype)
             w, b = self._fold(mean.to(stats_dtype), deconv.to(stats_dtype),
-                              None if scale is None else scale.to(stats_dtype))
+                              None if scale is None else scale.to(stats_dtype), fresh=not frozen and refresh)
         w, b = w.to(self.weight.dtype), b.to(self.weight.dtype)
         return self._conv(x, w, b)
 

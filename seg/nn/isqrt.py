@@ -4,18 +4,21 @@ Two exact forms of the same function:
 
 * ``iterate``: the matrix iterations (fast on GPUs, where matmuls are cheap), in a form with a fifth fewer
   products and a hand-written backward pass (:func:`isqrt_newton_schulz_fast`).
-* ``eigh``: every iterate is a polynomial in ``B = A/‖A‖_F``, so ``D = q(B)/√‖A‖_F`` where ``q`` is the scalar
-  Newton–Schulz recursion applied to each eigenvalue of ``B``. One ``eigh`` gives the forward pass; the
-  backward pass uses the Daleckii–Krein formula with divided differences of ``q`` (in float64, derivatives
-  where eigenvalues coincide, from a complex-step evaluation of the recursion). Same D, same gradient, and on
-  CPUs several times cheaper than 3·n_iter dense matmuls and their backward. Every quantity the backward
-  pass needs is prepared in the forward pass, so that the backward pass is five products and a few
-  elementwise operations.
+* ``eigh``: every iterate is a polynomial in ``B = A/‖A‖_F``, so ``D = V·diag(φ(μ))·Vᵀ`` with
+  ``φ(μ) = q(μ/c)/√c`` over the eigenpairs ``μ, V`` of ``A`` (``c = ‖A‖_F``), where ``q`` is the scalar
+  Newton–Schulz recursion. One ``eigh`` gives the forward pass; the backward pass uses the Daleckii–Krein
+  formula with divided differences of ``φ`` (the recursion in complex128 at ``μ + ih`` gives ``φ`` and ``hφ'`` at
+  once, and one complex quotient the divided differences, derivatives where eigenvalues coincide). Same D,
+  same gradient, and on CPUs several times cheaper than 3·n_iter dense matmuls and their backward. Every
+  quantity the backward pass needs is prepared in the forward pass, so that the backward pass is four
+  products and a few elementwise operations.
 """
 
 from __future__ import annotations
 
 import torch
+
+from seg.nn.moments import scaled_eye
 
 METHODS = ("auto", "iterate", "eigh")
 
@@ -63,7 +66,7 @@ class _NewtonSchulzFast(torch.autograd.Function):
         norm = torch.linalg.matrix_norm(a, keepdim=True)
         p = a / norm
         b = p
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).mul_(1.5)
+        eye = scaled_eye(a.shape[-1], 1.5, a.dtype, a.device)  # read-only, cached
         ts, tps, zs = [], [], []
         z: torch.Tensor | None = None
         for k in range(n_iter):
@@ -100,8 +103,7 @@ class _NewtonSchulzFast(torch.autograd.Function):
                 tp = tps[k]
                 dp = _addmm(_addmm(_mm(_mm(t, dp), t), dp, tp, alpha=-0.5), tp, dp, alpha=-0.5)
         lg = dz if dz is not None else grad * -0.5
-        dims = (-2, -1)
-        coef = torch.add((lg * b).sum(dims, keepdim=True), (grad * z_n).sum(dims, keepdim=True), alpha=0.5)
+        coef = torch.addcmul(lg * b, grad, z_n, value=0.5).sum((-2, -1), keepdim=True)  # ⟨L(G), B⟩ + ½⟨G, Z_n⟩
         return torch.addcmul(lg, b, coef, value=-1.0).mul_(rc3), None
 
 
@@ -120,22 +122,38 @@ def isqrt_newton_schulz_fast(a: torch.Tensor, n_iter: int) -> torch.Tensor:
 # The imaginary step of the complex-step derivative: q(λ + ih) = q(λ) + ih·q'(λ) + O(h²), exact to rounding
 # for a polynomial evaluated in complex128 (no difference quotient, so no cancellation).
 _STEP = 2.0**-100  # ≈ 7.9e-31; a power of two: h, 2h and 1/h are exact in float32 and float64
+# (ih, 1.5) as complex128 tensors of shape (1,) per device: a dimensioned complex128 operand makes ``μ + ih``
+# complex128 in one launch (a 0-d one would give complex64 for a float32 μ), and the recursion's ``addcmul``
+# needs its constant as a tensor. Made by ``full``: no copy from host memory.
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _scalar_newton_schulz(lam: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """q(λ) + ih·q'(λ) (complex128): the Newton–Schulz recursion on scalars (``y = λ, z = 1``, then
-    ``t = ½(3 − zy); y ← yt; z ← tz``), elementwise, at ``λ + ih``."""
-    y = lam.to(torch.complex128).add_(_STEP * 1j)
-    z = torch.rsub(y, 1.5, alpha=0.5)  # the first step: z = t = ½(3 − λ)
-    y = y * z
-    half3 = torch.full_like(z, 1.5)
+def _complex_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    consts = _CONSTANTS.get(device)
+    if consts is None:
+        consts = _CONSTANTS[device] = (torch.full((1,), _STEP * 1j, dtype=torch.complex128, device=device),
+                                       torch.full((1,), 1.5 + 0j, dtype=torch.complex128, device=device))
+    return consts
+
+
+def _scalar_newton_schulz(mu: torch.Tensor, rc: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(μ + ih, φ(μ + ih))`` (complex128) with ``φ(μ) = q(μ/c)/√c``, ``rc = 1/√c`` (broadcasting against ``μ``):
+    the Newton–Schulz recursion on scalars (``y = λ, z = 1``, then ``t = ½(3 − zy); y ← yt; z ← tz``) started at
+    ``y = μ·rc, z = rc``. ``t`` depends on ``zy = λ`` only and ``z`` is linear in its start, so the result is
+    ``q(λ)·rc`` without a separate division by ``c`` and multiplication by ``rc``; its imaginary part is
+    ``h·φ'(μ)`` (``c`` fixed)."""
+    ih, half3 = _complex_constants(mu.device)
+    m = mu + ih  # complex128
+    y = m * rc
+    t = torch.addcmul(half3, rc, y, value=-0.5)  # ½(3 − μ/c)
+    z, y = torch._foreach_mul([t, y], [rc, t])
     for k in range(1, n_iter):
         t = torch.addcmul(half3, z, y, value=-0.5)
         if k < n_iter - 1:
             torch._foreach_mul_([z, y], [t, t])  # both updates in one launch
         else:
             z = z.mul_(t)
-    return z
+    return m, z
 
 
 def _row(t: torch.Tensor) -> torch.Tensor:
@@ -143,56 +161,57 @@ def _row(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 1 else t.unsqueeze(-2)
 
 
-def _divided_differences(lam: torch.Tensor, q: torch.Tensor, hdq: torch.Tensor) -> torch.Tensor:
-    """``K_ij = (q(λ_i) − q(λ_j)) / (λ_i − λ_j)``, and the mean of ``q'(λ_i)``, ``q'(λ_j)`` where ``λ_i ≈ λ_j``
-    (``q`` and ``hdq = h·q'`` in float64, from :func:`_scalar_newton_schulz`; the result in float64).
+def _divided_differences(m: torch.Tensor, phi: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``K_ij = (φ(μ_i) − φ(μ_j)) / (μ_i − μ_j)``, and the mean of ``φ'(μ_i)``, ``φ'(μ_j)`` where ``μ_i = μ_j``, in
+    ``μ``'s dtype, from the complex-step values ``m = μ + ih`` and ``phi = φ(μ + ih)`` of :func:`_scalar_newton_schulz`.
 
-    The cancellation error of the quotient is about 1e-16/δ relative for a relative gap δ; pairs closer than
-    δ = 1e-7 take the mean derivative ``h(q'_i + q'_j)/2h``, whose error is O(δ²). The gaps are taken in λ's
-    dtype: a float32 gap is exact to float32's rounding, the precision the result is used at.
+    One complex quotient: ``Re[(Φ_i − conj Φ_j) / (m_i − conj m_j)]`` is ``(Δφ·g + 2h²·(φ'_i + φ'_j)) / (g² + 4h²)``
+    with ``g = μ_i − μ_j``: the difference quotient wherever ``|g| ≫ h`` (h = 2⁻¹⁰⁰) and the mean derivative where
+    ``g = 0``. ``φ`` is evaluated in float64 at the exact float32 eigenvalues, whose distinct values differ by
+    at least one float32 rounding step (6e-8 relative): the quotient's cancellation error is then at most
+    ~1e-16/6e-8 ≈ 2e-9 relative. Float64 eigenvalues can be closer than that: there, pairs closer than 1e-7
+    relative take the mean derivative (error O(δ²)).
     """
-    lam_col = lam.unsqueeze(-1)
-    gap = lam_col - _row(lam)
-    # |λ_i − λ_j| ≤ 1e-7·(|λ_i| + |λ_j|); |λ_i + λ_j| is the same sum where the signs agree, and pairs of opposite
-    # signs are never that close.
-    close = gap.abs() <= (lam_col + _row(lam)).abs_().mul_(1e-7)
-    num = torch.where(close, hdq.unsqueeze(-1) + _row(hdq), q.unsqueeze(-1) - _row(q))
-    return num / gap.masked_fill_(close, 2 * _STEP)
+    # conj_physical: one launch (a lazy conj() costs a view and a copy when the subtraction resolves it).
+    num = phi.unsqueeze(-1) - _row(phi.conj_physical())
+    den = m.unsqueeze(-1) - _row(m.conj_physical())
+    if mu.dtype == torch.float64:
+        mu_col = mu.unsqueeze(-1)
+        close = (mu_col - _row(mu)).abs_() <= (mu_col + _row(mu)).abs_().mul_(1e-7)
+        den = den.masked_fill_(close, 2 * _STEP * 1j)
+    return torch.view_as_real(num.div_(den))[..., 0].to(mu.dtype)
 
 
 class _IsqrtEigh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, n_iter: int) -> torch.Tensor:  # type: ignore[override]
-        # D = V·diag(φ)·Vᵀ with φ = q(λ)/√c, where μ, V are the eigenpairs of A, c = ‖A‖_F = ‖μ‖ and λ = μ/c the
-        # eigenvalues of B = A/c.
+        # D = V·diag(φ)·Vᵀ with φ(μ) = q(μ/c)/√c, where μ, V are the eigenpairs of A and c = ‖A‖_F = ‖μ‖.
         mu, vec = torch.linalg.eigh(a)
-        c = torch.linalg.vector_norm(mu, dim=-1, keepdim=True)
-        lam = mu / c
-        q_dq = torch.view_as_real(_scalar_newton_schulz(lam, n_iter))  # (..., 2): q and h·q'
-        q = q_dq[..., 0]
-        rc = c.rsqrt()
+        c2 = torch.dot(mu, mu) if mu.dim() == 1 else mu.square().sum(-1, keepdim=True)
+        rc = c2.pow(-0.25)  # 1/√c
+        m, phi = _scalar_newton_schulz(mu, rc, n_iter)
+        phi_h = torch.view_as_real(phi)  # (..., 2): φ and h·φ'
+        phi_re = phi_h[..., 0]
         vec_t = vec.mT  # kept for the backward pass too
-        out = _mm(vec * _row(q.to(a.dtype) * rc), vec_t)
+        out = _mm(vec * _row(phi_re.to(a.dtype)), vec_t)
         if ctx.needs_input_grad[0]:
-            # Everything the backward pass needs, in the eigenbasis (no n×n matrix beyond V and K kept):
-            # the divided differences K of q and slope_c = λ·q' + ½q (∂φ/∂c = −slope_c/c^{3/2}).
-            hdq = q_dq[..., 1]
-            k = _divided_differences(lam, q, hdq).to(a.dtype)
-            slope_c = torch.addcmul(q * 0.5, lam, hdq, value=1.0 / _STEP).to(a.dtype)
-            ctx.save_for_backward(vec, vec_t, lam, k, slope_c, rc / c)
+            # Everything the backward pass needs, in the eigenbasis (no n×n matrix beyond V and K kept): the
+            # divided differences K of φ (c fixed), slope = μ·φ' + ½φ (∂φ/∂c = −slope/c) and μ/c².
+            k = _divided_differences(m, phi, mu)
+            slope = torch.addcmul(phi_re * 0.5, mu, phi_h[..., 1], value=1.0 / _STEP).to(a.dtype)
+            ctx.save_for_backward(vec, vec_t, mu / c2, k, slope)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        vec, vec_t, lam, k, slope_c, rc3 = ctx.saved_tensors
+        vec, vec_t, mu_c2, k, slope = ctx.saved_tensors
         # In the eigenbasis (M = Vᵀ·G·V, G as it is, not its symmetric part, as autograd): for fixed c the
-        # Daleckii–Krein term K ∘ M/c^{3/2}; c = ‖A‖_F adds s·A/c = s·V·diag(λ)·Vᵀ with
-        # s = Σ_i M_ii·∂φ_i/∂c = −Σ_i M_ii·slope_c_i/c^{3/2}. One change of basis back for both.
+        # Daleckii–Krein term K ∘ M; c = ‖A‖_F adds Σ_i M_ii·∂φ_i/∂c·A/c = −s·V·diag(μ/c²)·Vᵀ with
+        # s = Σ_i M_ii·slope_i. One change of basis back for both.
         m = _mm(_mm(vec_t, grad), vec)
-        s = torch.linalg.vecdot(m.diagonal(dim1=-2, dim2=-1), slope_c)
+        s = torch.linalg.vecdot(m.diagonal(dim1=-2, dim2=-1), slope)
         inner = k * m
-        inner.diagonal(dim1=-2, dim2=-1).addcmul_(s if s.dim() == 0 else s.unsqueeze(-1), lam, value=-1.0)
-        inner = inner * (rc3 if rc3.dim() == 1 else rc3.unsqueeze(-1))
+        inner.diagonal(dim1=-2, dim2=-1).addcmul_(s if s.dim() == 0 else s.unsqueeze(-1), mu_c2, value=-1.0)
         return _mm(_mm(vec, inner), vec_t), None
 
 

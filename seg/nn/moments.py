@@ -158,6 +158,37 @@ class PatchSampler:
         s0, s1, _, s3 = x.stride()
         return torch.as_strided_copy(x, (c, n, per_image), (s1, s0, step * s3), x.storage_offset())
 
+    def adds_in_place(self, shape: torch.Size) -> bool:
+        """Whether :meth:`add_into` can add sample gradients in place into a gradient of this input shape
+        (1×1 patches: the samples are pixels, each read once)."""
+        return self.kernel == (1, 1)
+
+    def add_into(self, out: torch.Tensor, grad: torch.Tensor) -> bool:
+        """``out += scatter(grad)`` in place, for an input-shaped ``out`` (e.g. the convolution's input gradient):
+        one addition over the samples (a strided view, or an indexed accumulation where images start at
+        different offsets), instead of a zero-filled input-sized tensor and an input-sized sum. False (``out``
+        untouched) where the layout does not allow it: not :meth:`adds_in_place`, or ``out`` not laid out
+        densely (e.g. an expanded tensor; channels-last where images start at different offsets)."""
+        if not self.adds_in_place(out.shape):
+            return False
+        n, c, h, w = out.shape
+        layout = self._pixel_layout(out.shape)
+        if layout is None:
+            if not out.is_contiguous():
+                return False
+            image, pixel = self._pixel_index(out.shape, out.device)
+            # (The public index_put_ takes no None index; aten's takes one for the leading ":".)
+            torch.ops.aten.index_put_(out.view(n, c, h * w).transpose(0, 1), [None, image, pixel],
+                                      grad.reshape(c, -1), True)
+            return True
+        if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+            return False
+        step, per_image = layout
+        s0, s1, _, s3 = out.stride()
+        out.as_strided((c, n, per_image), (s1, s0, step * s3), out.storage_offset()).add_(
+            grad.reshape(c, n, per_image))
+        return True
+
     def scatter(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The adjoint of :meth:`gather`: ``grad (G, nf, M)`` summed back into an input-shaped tensor."""
         n, c, h, w = shape
@@ -194,7 +225,8 @@ class PatchSampler:
 class _SampledMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool, second_grad: bool,
-                eps: float | None, shift: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                eps: float | None, shift: torch.Tensor | None,
+                conv_input: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         # The covariance form (eps given) of one matrix works on 2-D tensors: (nf, M) samples, (nf, nf) result.
         c = sampler.gather(x, squeeze=eps is not None and not sync)
         nf, m = c.shape[-2:]
@@ -224,19 +256,37 @@ class _SampledMoments(torch.autograd.Function):
         ctx.count = count if not isinstance(count, torch.Tensor) else None
         ctx.sampler, ctx.full, ctx.sync, ctx.second_grad, ctx.cov = sampler, full, sync, keep, eps is not None
         ctx.shape, ctx.samples_shape = x.shape, c.shape
+        # conv_input: returned as it is (autograd makes it a view), for the convolution to read; its gradient
+        # reaches backward() with the statistics' and the samples' share is added into it in place.
+        ctx.alias = conv_input is not None
+        ctx.alias_dtype = None if conv_input is None else conv_input.dtype
+        alias = (conv_input,) if conv_input is not None else ()
         constant = [] if second_grad else [second]
         if eps is not None:
             ctx.mark_non_differentiable(*constant)
-            return mean.view(mean.shape[:-1]), second
+            return mean.view(mean.shape[:-1]), second, *alias
         count_out = count if isinstance(count, torch.Tensor) else c.new_full((), count)
         ctx.mark_non_differentiable(count_out, *constant)
-        return mean.view(g, nf), second, count_out
+        return mean.view(g, nf), second, count_out, *alias
 
     @staticmethod
     def backward(ctx: Any, grad_mean: torch.Tensor, grad_second: torch.Tensor,
-                 *_grad_count: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                 *rest: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.alias:
+            # The samples' gradient goes to the convolution's input (the statistics read that tensor or its
+            # float32 copy), added into the convolution's gradient; the copy's cast receives nothing.
+            if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[7]):
+                return (None,) * 8
+            return (None,) * 7 + (_SampledMoments._input_grad(ctx, grad_mean, grad_second, rest[-1]),)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
+        return (_SampledMoments._input_grad(ctx, grad_mean, grad_second, None),) + (None,) * 7
+
+    @staticmethod
+    def _input_grad(ctx: Any, grad_mean: torch.Tensor, grad_second: torch.Tensor,
+                    grad_alias: torch.Tensor | None) -> torch.Tensor:
+        """The gradient of the input: the samples' gradient scattered into the input's shape, added into
+        ``grad_alias`` (the convolution input's gradient) when given."""
         c, delta, count_t = ctx.saved_tensors
         count = ctx.count if count_t is None else count_t
         if ctx.sync:
@@ -256,7 +306,7 @@ class _SampledMoments(torch.autograd.Function):
             product = torch.addmm if c.dim() == 2 else torch.baddbmm
             alpha = 1.0 / count if ctx.cov else 1.0
             grad_c = product(grad_mean.unsqueeze(-1), left, c, beta=1.0 / count, alpha=alpha)
-            return ctx.sampler.scatter(grad_c, ctx.shape), None, None, None, None, None, None
+            return _SampledMoments._to_input(ctx, grad_c, grad_alias)
         per_sample = (grad_mean / count).unsqueeze(-1)
         if not ctx.second_grad:
             grad_c = per_sample.expand(ctx.samples_shape)
@@ -275,7 +325,16 @@ class _SampledMoments(torch.autograd.Function):
         else:
             centred = c if delta is None else c + delta
             grad_c = torch.addcmul(per_sample, centred, (2.0 * grad_second).view(-1, 1, 1))
-        return ctx.sampler.scatter(grad_c, ctx.shape), None, None, None, None, None, None
+        return _SampledMoments._to_input(ctx, grad_c, grad_alias)
+
+    @staticmethod
+    def _to_input(ctx: Any, grad_c: torch.Tensor, grad_alias: torch.Tensor | None) -> torch.Tensor:
+        if grad_alias is None:
+            grad = ctx.sampler.scatter(grad_c, ctx.shape)
+            return grad.to(ctx.alias_dtype) if ctx.alias else grad
+        if ctx.sampler.add_into(grad_alias, grad_c):
+            return grad_alias
+        return grad_alias + ctx.sampler.scatter(grad_c, ctx.shape).to(grad_alias.dtype)
 
 
 def _synced_moments(c: torch.Tensor, full: bool, shift: torch.Tensor | None
@@ -313,8 +372,8 @@ def _synced_moments(c: torch.Tensor, full: bool, shift: torch.Tensor | None
 # graph break, and everything around them compiles.
 @torch.compiler.disable
 def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bool = False,
-                    second_grad: bool = True, shift: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    second_grad: bool = True, shift: torch.Tensor | None = None,
+                    conv_input: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Mean ``(G, nf)``, centred second moment and sample count of the sampled patches of ``x``.
 
     The second moment is ``Σ (s − μ)(s − μ)ᵀ`` ``(G, nf, nf)`` when ``full``, else its trace per matrix
@@ -323,15 +382,20 @@ def sampled_moments(x: torch.Tensor, sampler: PatchSampler, full: bool, sync: bo
     is the reference point the local sums are taken about (only rounding depends on it). ``second_grad=False``:
     the second moment is a constant for autograd (the mean keeps its gradient). The count is a 0-d tensor in
     the samples' dtype, without gradient.
+
+    ``conv_input``: the tensor the layer's convolution reads (``x`` itself, or the tensor ``x`` is a float32 copy
+    of), returned last: the convolution must read that returned alias. The samples' gradient is then added to
+    the convolution's input gradient (in place where :meth:`PatchSampler.add_into` can), not returned to ``x``
+    as a second, input-sized gradient for autograd to sum.
     """
-    return _SampledMoments.apply(x, sampler, full, sync, second_grad, None, shift)
+    return _SampledMoments.apply(x, sampler, full, sync, second_grad, None, shift, conv_input)
 
 
 @torch.compiler.disable
 def sampled_covariance(x: torch.Tensor, sampler: PatchSampler, eps: float, sync: bool = False,
-                       second_grad: bool = True, shift: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       second_grad: bool = True, shift: torch.Tensor | None = None,
+                       conv_input: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Mean ``(G, nf)`` and covariance ``Σ (s − μ)(s − μ)ᵀ / N + eps·I`` ``(G, nf, nf)`` of the sampled patches,
     as :func:`sampled_moments` (the division and ``eps`` inside the same product). Without ``sync`` and with one
-    matrix (``G = 1``) the shapes are ``(nf,)`` and ``(nf, nf)``."""
-    return _SampledMoments.apply(x, sampler, True, sync, second_grad, eps, shift)
+    matrix (``G = 1``) the shapes are ``(nf,)`` and ``(nf, nf)``; ``conv_input`` as in :func:`sampled_moments`."""
+    return _SampledMoments.apply(x, sampler, True, sync, second_grad, eps, shift, conv_input)
