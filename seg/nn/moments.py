@@ -179,7 +179,7 @@ class PatchSampler:
             image, pixel = self._pixel_index(out.shape, out.device)
             # (The public index_put_ takes no None index; aten's takes one for the leading ":".)
             torch.ops.aten.index_put_(out.view(n, c, h * w).transpose(0, 1), [None, image, pixel],
-                                      grad.reshape(c, -1), True)
+                                      grad.reshape(c, -1).to(out.dtype), True)  # (add_ takes mixed dtypes)
             return True
         if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
             return False
