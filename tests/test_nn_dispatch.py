@@ -149,7 +149,7 @@ def test_1x1_samples_gradient_is_added_into_the_convolution_input_gradient(shape
     grads = []
     for in_place in (True, False):
         if not in_place:
-            monkeypatch.setattr(PatchSampler, "adds_in_place", lambda self, shape: False)
+            monkeypatch.setattr(PatchSampler, "adds_in_place", lambda self: False)
         torch.manual_seed(1)
         inp = x.to(dtype).requires_grad_()
         with OpCounter() as counter:

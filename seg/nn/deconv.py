@@ -535,7 +535,7 @@ class FastDeconv(nn.Conv2d):
                 # sampling), the statistics hand the convolution its input: one strided add over the samples
                 # in the backward pass instead of an input-sized zero-filled gradient and an input-sized sum.
                 conv_input = x if (xn is None and x.requires_grad and torch.is_grad_enabled()
-                                   and self._sampler().adds_in_place(x.shape)) else None
+                                   and self._sampler().adds_in_place()) else None
                 if refresh:
                     mean, deconv, alias = self._batch_statistics(xs, conv_input)
                     self._update_running(mean, deconv)

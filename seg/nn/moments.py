@@ -158,9 +158,9 @@ class PatchSampler:
         s0, s1, _, s3 = x.stride()
         return torch.as_strided_copy(x, (c, n, per_image), (s1, s0, step * s3), x.storage_offset())
 
-    def adds_in_place(self, shape: torch.Size) -> bool:
-        """Whether :meth:`add_into` can add sample gradients in place into a gradient of this input shape
-        (1×1 patches: the samples are pixels, each read once)."""
+    def adds_in_place(self) -> bool:
+        """Whether :meth:`add_into` can add sample gradients in place into an input gradient (1×1 patches: the
+        samples are pixels, each read once)."""
         return self.kernel == (1, 1)
 
     def add_into(self, out: torch.Tensor, grad: torch.Tensor) -> bool:
@@ -169,7 +169,7 @@ class PatchSampler:
         different offsets), instead of a zero-filled input-sized tensor and an input-sized sum. False (``out``
         untouched) where the layout does not allow it: not :meth:`adds_in_place`, or ``out`` not laid out
         densely (e.g. an expanded tensor; channels-last where images start at different offsets)."""
-        if not self.adds_in_place(out.shape):
+        if not self.adds_in_place():
             return False
         n, c, h, w = out.shape
         layout = self._pixel_layout(out.shape)
@@ -256,8 +256,8 @@ class _SampledMoments(torch.autograd.Function):
         ctx.count = count if not isinstance(count, torch.Tensor) else None
         ctx.sampler, ctx.full, ctx.sync, ctx.second_grad, ctx.cov = sampler, full, sync, keep, eps is not None
         ctx.shape, ctx.samples_shape = x.shape, c.shape
-        # conv_input: returned as it is (autograd makes it a view), for the convolution to read; its gradient
-        # reaches backward() with the statistics' and the samples' share is added into it in place.
+        # conv_input: returned as it is (autograd makes it a view) for the convolution to read; backward() then
+        # receives the convolution's input gradient and adds the samples' share into it.
         ctx.alias = conv_input is not None
         ctx.alias_dtype = None if conv_input is None else conv_input.dtype
         alias = (conv_input,) if conv_input is not None else ()
